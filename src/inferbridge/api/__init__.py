@@ -1,0 +1,1 @@
+"""The OpenAI layer: request schemas, response assembly, SSE, and the HTTP handlers."""

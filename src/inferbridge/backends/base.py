@@ -1,0 +1,184 @@
+"""The adapter contract every backend implements.
+
+An adapter knows its backend's protocol and nothing about OpenAI response shapes. It gets a
+normalized `InferenceRequest` and yields batches of normalized events (`inferbridge.events`):
+
+    class MyBackend(Backend):
+        Settings = MySettings                 # a DeploymentConfig subclass: the entry's fields
+        supported_params = frozenset({"max_tokens", "temperature", "stop"})
+        supported_extras = frozenset({"top_k"})
+
+        async def start(self) -> None: ...    # open pooled clients (inside the event loop)
+        async def close(self) -> None: ...
+        async def stream(self, request):      # async generator of list[Event]
+            yield [TextDelta("Hel")]
+            yield [TextDelta("lo"), Finish("stop"), Usage(3, 2)]
+
+Rules an adapter follows:
+- Raise `inferbridge.errors.UpstreamError` (or a subclass) for every backend failure, with a
+  message that names the backend (`self.label`). Never let a library exception escape:
+  `HttpUpstream` does this mapping for HTTP backends.
+- Never invent a parameter the client did not send (no silent `max_tokens: 100`): translate
+  only what is in `request.params` / `request.extras`.
+- Yield text as soon as the backend gives it: one batch per upstream read.
+- Yield `Finish` per choice with the normalized reason, and `Usage` when the backend reports
+  counts (the OpenAI layer estimates them otherwise).
+- Streaming or not is the adapter's choice of upstream call: a non-streaming client request
+  may be served with the backend's non-streaming endpoint, yielding the whole answer as one
+  batch.
+
+What the shared layer does for every adapter (see `prepare`): merge the entry's `params:`
+defaults, reject (400) or drop parameters the adapter does not declare, and fan out `n > 1`
+and several prompts when `native_n` is false.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, ClassVar
+
+from inferbridge.config import DeploymentConfig
+from inferbridge.errors import InvalidRequest, UnsupportedParameter
+from inferbridge.events import Event
+from inferbridge.request import InferenceRequest
+
+# Parameters that never change what a backend generates: always accepted, never forwarded
+# by translating adapters.
+IGNORABLE_PARAMS = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "safety_identifier",
+        "prompt_cache_key",
+        "parallel_tool_calls",
+    }
+)
+
+# Values that mean "the default behaviour": a parameter set to one of these is not a use of it.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "logprobs": (False, 0),
+    "echo": (False,),
+    "best_of": (1,),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),
+    "response_format": ({"type": "text"},),
+    "top_logprobs": (0,),
+    "stop": ([],),
+}
+
+# Every OpenAI parameter a request may carry (besides model, messages/prompt, stream*).
+OPENAI_PARAMS = frozenset(
+    {
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "suffix",
+        "echo",
+        "best_of",
+        "modalities",
+        "audio",
+        "prediction",
+        "reasoning_effort",
+        "verbosity",
+        "web_search_options",
+    }
+    | IGNORABLE_PARAMS
+)
+
+
+class Backend:
+    """Base class of every backend adapter; subclasses override the class attributes and
+    `stream` (and `start`/`close` when they hold clients)."""
+
+    Settings: ClassVar[type[DeploymentConfig]] = DeploymentConfig
+    supported_params: ClassVar[frozenset[str]] = frozenset()
+    """OpenAI parameters (see OPENAI_PARAMS) this adapter honours."""
+    supported_extras: ClassVar[frozenset[str]] = frozenset()
+    """Non-OpenAI fields (top_k, min_p...) this adapter understands."""
+    forwards_extras: ClassVar[bool] = False
+    """True when unknown fields are passed upstream as they are (OpenAI-compatible servers)."""
+    native_n: ClassVar[bool] = False
+    """True when the backend itself handles n > 1 and lists of prompts."""
+    accepts_token_prompts: ClassVar[bool] = False
+    """True when a legacy completion prompt may be a list of token ids."""
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        self.config = config
+        self.label = config.describe()
+        self.drop_unsupported = False
+
+    async def start(self) -> None:
+        """Open pooled clients; called once at start-up, inside the serving event loop."""
+
+    async def close(self) -> None:
+        """Release what `start` opened; called once at shutdown."""
+
+    def stream(self, request: InferenceRequest) -> AsyncIterator[Sequence[Event]]:
+        """Run `request` upstream and yield batches of normalized events (see module doc)."""
+        raise NotImplementedError
+
+    # -- shared behaviour -----------------------------------------------------------------
+    def prepare(self, request: InferenceRequest) -> InferenceRequest:
+        """Apply this deployment's defaults and parameter policy to a request (in place)."""
+        defaults = self.config.params
+        if defaults:
+            for key, value in defaults.items():
+                if key in OPENAI_PARAMS:
+                    request.params.setdefault(key, value)
+                else:
+                    request.extras.setdefault(key, value)
+                if key not in request.body:
+                    request.body[key] = value
+        supported = self.supported_params
+        for key in list(request.params):
+            if key in supported or key in IGNORABLE_PARAMS:
+                continue
+            value = request.params[key]
+            if value in _NEUTRAL.get(key, ()):
+                del request.params[key]
+                continue
+            self._unsupported(request, key, "params")
+        if not self.forwards_extras:
+            for key in list(request.extras):
+                if key not in self.supported_extras:
+                    self._unsupported(request, key, "extras")
+        prompt = request.prompt
+        if (
+            isinstance(prompt, list)
+            and prompt
+            and not isinstance(prompt[0], str)
+            and not self.accepts_token_prompts
+        ):
+            raise InvalidRequest(
+                f"Model '{request.model}' ({self.config.backend}) takes the prompt as text, "
+                "not as token ids.",
+                param="prompt",
+            )
+        return request
+
+    def _unsupported(self, request: InferenceRequest, key: str, where: str) -> None:
+        if not self.drop_unsupported:
+            raise UnsupportedParameter(key, request.model, self.config.backend)
+        getattr(request, where).pop(key, None)
+        request.body.pop(key, None)
+        if key == "max_tokens":
+            request.body.pop("max_completion_tokens", None)

@@ -1,0 +1,240 @@
+"""OpenAI-compatible upstreams: vLLM, OpenAI, TGI's Messages API, llama.cpp's and Ollama's /v1.
+
+The client's body is relayed as it came (every OpenAI field and every extra), with `model`
+rewritten to the entry's `upstream_model`, the entry's `params:` defaults filled in, and the
+stream options set for what the client asked: `stream_options` is only sent on streaming
+requests (vLLM rejects it otherwise), with `include_usage` when the client wants usage.
+
+The upstream's SSE stream is decoded incrementally and every chunk is turned into events as
+soon as it arrives. Upstream quirks handled here: empty `choices` chunks (Azure's prompt
+filter results), `finish_reason: "stop_sequence"` (TGI), `reasoning_content`, flat vLLM
+error objects, and error events in the middle of a stream.
+
+Other adapters for OpenAI-shaped services (Azure) subclass `OpenAICompatBackend` and
+override `endpoint` / `upstream_headers` instead of copying the stream handling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from inferbridge.backends.base import OPENAI_PARAMS, Backend
+from inferbridge.backends.http import HttpUpstream, error_message
+from inferbridge.config import DeploymentConfig
+from inferbridge.decoders import SSEDecoder
+from inferbridge.errors import UpstreamError
+from inferbridge.events import (
+    Event,
+    Finish,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+    normalize_finish,
+)
+from inferbridge.request import InferenceRequest
+
+
+class OpenAICompatSettings(DeploymentConfig):
+    url: str  # type: ignore[assignment]  # required: the base URL ending in /v1
+    organization: str | None = None
+    project: str | None = None
+
+
+class OpenAISettings(OpenAICompatSettings):
+    url: str = "https://api.openai.com/v1"
+
+
+def usage_event(usage: dict[str, Any]) -> Usage:
+    details = {
+        k: v for k, v in usage.items() if k.endswith("_details") and isinstance(v, dict)
+    }
+    return Usage(
+        int(usage.get("prompt_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+        details or None,
+    )
+
+
+def _tool_call_events(calls: list[dict[str, Any]], index: int, out: list[Event]) -> None:
+    for pos, call in enumerate(calls):
+        fn = call.get("function") or {}
+        out.append(
+            ToolCallDelta(
+                call.get("index", pos),
+                id=call.get("id"),
+                name=fn.get("name"),
+                arguments=fn.get("arguments") or "",
+                index=index,
+            )
+        )
+
+
+def chunk_events(chunk: dict[str, Any], chat: bool) -> list[Event]:
+    """Events carried by one OpenAI stream chunk (chat.completion.chunk or text_completion)."""
+    out: list[Event] = []
+    for choice in chunk.get("choices") or ():
+        index = choice.get("index") or 0
+        if chat:
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning:
+                out.append(ReasoningDelta(reasoning, index))
+            text = delta.get("content")
+            calls = delta.get("tool_calls")
+        else:
+            text = choice.get("text")
+            calls = None
+        if text or choice.get("logprobs"):
+            out.append(TextDelta(text or "", index, choice.get("logprobs")))
+        if calls:
+            _tool_call_events(calls, index, out)
+        reason = choice.get("finish_reason")
+        if reason:
+            out.append(Finish(normalize_finish(reason), index))
+    usage = chunk.get("usage")
+    if usage:
+        out.append(usage_event(usage))
+    return out
+
+
+def response_events(data: dict[str, Any], chat: bool) -> list[Event]:
+    """Events carried by one whole (non-streamed) OpenAI response."""
+    out: list[Event] = []
+    for choice in data.get("choices") or ():
+        index = choice.get("index") or 0
+        if chat:
+            message = choice.get("message") or {}
+            reasoning = message.get("reasoning_content") or message.get("reasoning")
+            if reasoning:
+                out.append(ReasoningDelta(reasoning, index))
+            text = message.get("content")
+            calls = message.get("tool_calls")
+        else:
+            text = choice.get("text")
+            calls = None
+        if text or choice.get("logprobs"):
+            out.append(TextDelta(text or "", index, choice.get("logprobs")))
+        if calls:
+            _tool_call_events(calls, index, out)
+        out.append(Finish(normalize_finish(choice.get("finish_reason")), index))
+    usage = data.get("usage")
+    if usage:
+        out.append(usage_event(usage))
+    return out
+
+
+class OpenAICompatBackend(Backend):
+    Settings: type[DeploymentConfig] = OpenAICompatSettings
+    supported_params = OPENAI_PARAMS
+    forwards_extras = True
+    native_n = True
+    accepts_token_prompts = True
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        super().__init__(config)
+        self.http = HttpUpstream(
+            self.base_url(),
+            label=self.label,
+            timeout=config.timeout,
+            connect_timeout=config.connect_timeout,
+            headers={**self.upstream_headers(), **config.headers},
+        )
+
+    # -- what subclasses for OpenAI-shaped services override --------------------------------
+    def base_url(self) -> str:
+        assert self.config.url is not None
+        return self.config.url
+
+    def upstream_headers(self) -> dict[str, str]:
+        cfg = self.config
+        headers: dict[str, str] = {}
+        if cfg.api_key:
+            headers["Authorization"] = f"Bearer {cfg.api_key}"
+        if getattr(cfg, "organization", None):
+            headers["OpenAI-Organization"] = cfg.organization  # type: ignore[attr-defined]
+        if getattr(cfg, "project", None):
+            headers["OpenAI-Project"] = cfg.project  # type: ignore[attr-defined]
+        return headers
+
+    def endpoint(self, request: InferenceRequest) -> tuple[str, dict[str, str] | None]:
+        """The path (and query) for this request."""
+        return ("/chat/completions" if request.kind == "chat" else "/completions"), None
+
+    def upstream_body(self, request: InferenceRequest) -> dict[str, Any]:
+        body = dict(request.body)
+        body["model"] = self.config.target_model
+        body.pop("stream_options", None)
+        if request.stream:
+            body["stream"] = True
+            if request.include_usage:
+                body["stream_options"] = {"include_usage": True}
+        else:
+            body["stream"] = False
+        return body
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.http.start()
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    async def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
+        chat = request.kind == "chat"
+        path, query = self.endpoint(request)
+        async with self.http.post(path, self.upstream_body(request), params=query) as resp:
+            if not request.stream:
+                data = await self.http.read_json(resp)
+                self._raise_if_error(data)
+                yield response_events(data, chat)
+                return
+            decoder = SSEDecoder()
+            saw_finish = False
+            async for raw in self.http.iter_chunks(resp):
+                batch: list[Event] = []
+                done = False
+                for event in decoder.feed(raw):
+                    if event.data == b"[DONE]":
+                        done = True
+                        break
+                    batch.extend(self._chunk(event.data, chat))
+                if batch:
+                    saw_finish = saw_finish or any(type(e) is Finish for e in batch)
+                    yield batch
+                if done:
+                    return
+            batch = [e for ev in decoder.flush() if ev.data != b"[DONE]"
+                     for e in self._chunk(ev.data, chat)]
+            if batch:
+                saw_finish = saw_finish or any(type(e) is Finish for e in batch)
+                yield batch
+            if not saw_finish:
+                raise UpstreamError(
+                    f"{self.label} ended the stream before the answer was complete",
+                    backend=self.label,
+                )
+
+    def _chunk(self, data: bytes, chat: bool) -> list[Event]:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                f"{self.label} sent an invalid stream event: {data[:200]!r}", backend=self.label
+            ) from None
+        self._raise_if_error(chunk)
+        return chunk_events(chunk, chat)
+
+    def _raise_if_error(self, data: Any) -> None:
+        if isinstance(data, dict) and (data.get("error") or data.get("object") == "error"):
+            message = error_message(orjson.dumps(data))
+            raise UpstreamError(f"{self.label} reported an error: {message}", backend=self.label)
+
+
+class OpenAIBackend(OpenAICompatBackend):
+    """OpenAI itself: the same protocol, with the public API as the default URL."""
+
+    Settings = OpenAISettings

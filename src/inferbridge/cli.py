@@ -1,0 +1,89 @@
+"""The `inferbridge` command: `inferbridge serve [--config FILE] [--host H] [--port P] ...`.
+
+The configuration is loaded and validated here first, so a bad file is reported in plain
+words (exit code 2) before any server starts. The server then runs on uvicorn with uvloop
+and httptools; each worker process builds its app from the same file and overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+import orjson
+
+from inferbridge import __version__
+from inferbridge.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inferbridge", description="OpenAI-compatible proxy for LLM serving backends."
+    )
+    parser.add_argument("--version", action="version", version=f"inferbridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument(
+        "--config", "-c", default=os.environ.get("INFERBRIDGE_CONFIG"),
+        help="YAML config file (default: $INFERBRIDGE_CONFIG; none: serve the 'echo' model)",
+    )
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 5000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default 1)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--drop-unsupported-params", action="store_true", default=None,
+        help="ignore parameters a backend does not support instead of answering 400",
+    )
+    check = sub.add_parser("check", help="validate a config file and list its models")
+    check.add_argument("--config", "-c", default=os.environ.get("INFERBRIDGE_CONFIG"))
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    server = {
+        key: value
+        for key in ("host", "port", "workers", "log_level", "drop_unsupported_params")
+        if (value := getattr(args, key, None)) is not None
+    }
+    return {"server": server} if server else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = _overrides(args)
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"inferbridge: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        for entry in config.models:
+            print(f"{entry.name}: {entry.describe()}")
+        return 0
+
+    import uvicorn
+
+    server = config.server
+    logging.basicConfig(
+        level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.config:
+        os.environ["INFERBRIDGE_CONFIG"] = os.path.abspath(args.config)
+    os.environ["INFERBRIDGE_CLI_OVERRIDES"] = orjson.dumps(overrides).decode()
+    uvicorn.run(
+        "inferbridge.app:app_from_env",
+        factory=True,
+        host=server.host,
+        port=server.port,
+        workers=server.workers,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        log_level=server.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    return 0

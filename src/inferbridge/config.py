@@ -1,0 +1,214 @@
+"""Configuration: the YAML file, `os.environ/NAME` references, env and CLI overrides.
+
+The file is validated at start-up; every error names the entry and the field at fault, e.g.
+`models[1] (mistral): timeout: Input should be a valid number`. Each model entry is
+validated by its backend's own settings class (`Backend.Settings`), so a typo in a
+backend-specific field is caught before the server starts.
+
+Precedence, lowest first: built-in defaults, the YAML file, `INFERBRIDGE_*` environment
+variables, command-line flags.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "os.environ/"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and why."""
+
+
+class DeploymentConfig(BaseModel):
+    """Fields every model entry has. Backends subclass this with their own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="The model name clients send.")
+    backend: str
+    url: str | None = None
+    upstream_model: str | None = Field(
+        default=None, description="The model name sent upstream (defaults to `name`)."
+    )
+    api_key: str | None = None
+    timeout: float = Field(default=600.0, gt=0, description="Total seconds for one request.")
+    connect_timeout: float = Field(default=10.0, gt=0)
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Default request parameters for this model."
+    )
+    drop_unsupported_params: bool | None = None
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra HTTP headers sent upstream."
+    )
+    weight: float = Field(default=1.0, gt=0)
+    owned_by: str = "inferbridge"
+
+    @property
+    def target_model(self) -> str:
+        return self.upstream_model or self.name
+
+    def describe(self) -> str:
+        """How error messages name this deployment: `backend 'vllm' (model mistral at URL)`."""
+        where = f" at {self.url}" if self.url else ""
+        return f"backend '{self.backend}' (model {self.name}{where})"
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=5000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    log_level: str = "info"
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    drop_unsupported_params: bool = False
+    log_prompts: bool = False
+    """Log prompts and completions (off by default: they are private)."""
+
+
+class AuthConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys: list[str] = Field(default_factory=list)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _non_empty(cls, keys: list[str]) -> list[str]:
+        return [k for k in keys if k]
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    models: list[DeploymentConfig] = Field(default_factory=list)
+
+    def model_names(self) -> list[str]:
+        return list(dict.fromkeys(m.name for m in self.models))
+
+
+DEFAULT_MODELS: list[dict[str, Any]] = [{"name": "echo", "backend": "echo"}]
+
+
+def resolve_env(value: Any, where: str = "") -> Any:
+    """Replace every `os.environ/NAME` string (at any depth) by that variable's value."""
+    if isinstance(value, str) and value.startswith(ENV_PREFIX):
+        name = value[len(ENV_PREFIX) :]
+        if name not in os.environ:
+            raise ConfigError(f"{where or 'config'}: environment variable {name} is not set")
+        return os.environ[name]
+    if isinstance(value, dict):
+        return {k: resolve_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _format_errors(prefix: str, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(entry)"
+        lines.append(f"{prefix}{loc}: {err['msg']}")
+    return lines
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """`INFERBRIDGE_HOST`, `_PORT`, `_WORKERS`, `_LOG_LEVEL`, `_API_KEYS` (comma-separated)."""
+    env = os.environ if environ is None else environ
+    server: dict[str, Any] = {}
+    for key in ("host", "port", "workers", "log_level", "max_body_bytes"):
+        value = env.get(f"INFERBRIDGE_{key.upper()}")
+        if value:
+            server[key] = value
+    for key in ("drop_unsupported_params", "log_prompts"):
+        value = env.get(f"INFERBRIDGE_{key.upper()}")
+        if value:
+            server[key] = value.strip().lower() in ("1", "true", "yes", "on")
+    out: dict[str, Any] = {"server": server} if server else {}
+    keys = env.get("INFERBRIDGE_API_KEYS")
+    if keys is not None:
+        out["auth"] = {"api_keys": [k.strip() for k in keys.split(",") if k.strip()]}
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    data: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Build a validated `Config` from a YAML file (or `data`), env and `overrides`.
+
+    `overrides` has the same shape as the file (`{"server": {"port": 8080}}`); it is what
+    the command line passes in.
+    """
+    from inferbridge.backends.registry import settings_class
+
+    if data is None:
+        data = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}")
+            try:
+                loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+            if loaded is None:
+                loaded = {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{p}: the top level must be a mapping")
+            data = loaded
+    data = resolve_env(data)
+    for layer in (env_overrides(environ), overrides or {}):
+        for section, values in layer.items():
+            merged = dict(data.get(section) or {})
+            merged.update(values)
+            data[section] = merged
+
+    raw_models = data.get("models")
+    if raw_models is None:
+        raw_models = DEFAULT_MODELS
+    if not isinstance(raw_models, list):
+        raise ConfigError("models: must be a list of model entries")
+
+    errors: list[str] = []
+    try:
+        base = Config.model_validate({**data, "models": []})
+    except ValidationError as exc:
+        errors.extend(_format_errors("", exc))
+        base = None
+
+    deployments: list[DeploymentConfig] = []
+    for i, entry in enumerate(raw_models):
+        if not isinstance(entry, dict):
+            errors.append(f"models[{i}]: must be a mapping with at least name and backend")
+            continue
+        label = f"models[{i}]" + (f" ({entry['name']})" if entry.get("name") else "")
+        backend = entry.get("backend")
+        if not backend:
+            errors.append(f"{label}: backend: field required")
+            continue
+        try:
+            cls = settings_class(str(backend))
+        except KeyError as exc:
+            errors.append(f"{label}: backend: {exc.args[0]}")
+            continue
+        try:
+            deployments.append(cls.model_validate(entry))
+        except ValidationError as exc:
+            errors.extend(_format_errors(f"{label}: ", exc))
+
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    assert base is not None
+    base.models = deployments
+    return base

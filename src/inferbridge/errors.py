@@ -1,0 +1,143 @@
+"""One exception hierarchy, rendered as the OpenAI error envelope.
+
+Everything that can go wrong in a request is an `InferbridgeError` with an HTTP status and
+the four envelope fields `{"error": {"message", "type", "param", "code"}}`. The OpenAI
+layer catches these and nothing else reaches a client: an unexpected exception becomes a
+500 envelope without a traceback.
+
+Backend failures are `UpstreamError`s; their message always names the backend that failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class InferbridgeError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.envelope())
+
+
+class InvalidRequest(InferbridgeError):
+    """400: the client's request is malformed or asks for something the model cannot do."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class UnsupportedParameter(InvalidRequest):
+    code = "unsupported_parameter"
+
+    def __init__(self, param: str, model: str, backend: str) -> None:
+        super().__init__(
+            f"Parameter '{param}' is not supported by model '{model}' (backend {backend}). "
+            "Remove it, or set drop_unsupported_params: true for this model to ignore it.",
+            param=param,
+        )
+
+
+class AuthenticationFailed(InferbridgeError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(InferbridgeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist.", param="model")
+
+
+class NotFound(InferbridgeError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(InferbridgeError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(InferbridgeError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamError(InferbridgeError):
+    """502: the backend failed (refused, broke the protocol, or died mid-stream)."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+    retryable = True
+
+    def __init__(self, message: str, *, backend: str = "", **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.backend = backend
+
+
+class UpstreamUnavailable(UpstreamError):
+    """503: the backend says it is not ready or overloaded."""
+
+    status = 503
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    """504: the backend did not answer in time."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamRejected(UpstreamError):
+    """The backend refused the request itself (4xx): relayed with its status and message.
+
+    Not retryable: another deployment would refuse the same request.
+    """
+
+    type = "invalid_request_error"
+    code = None
+    retryable = False
+
+    def __init__(self, message: str, *, status: int, **kw: Any) -> None:
+        super().__init__(message, status=status, **kw)

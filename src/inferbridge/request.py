@@ -1,0 +1,69 @@
+"""The normalized request the OpenAI layer hands to the router and to backend adapters.
+
+It is built once per request from the validated OpenAI body. Adapters read sampling
+parameters from `params` (only what the client or the model entry actually set, never an
+invented default), unknown fields from `extras`, and the conversation from `messages` (chat)
+or `prompt` (legacy completions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["chat", "completion"]
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    kind: Kind
+    model: str
+    """The public model name the client asked for (what responses carry)."""
+    params: dict[str, Any]
+    """OpenAI parameters the client (or the entry's `params:` defaults) set, non-null only.
+
+    Normalized: `max_tokens` holds max_completion_tokens or max_tokens (the former wins), and
+    `stop` is always a list. `stream`, `stream_options` and `model` are not in here.
+    """
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Fields that are not part of the OpenAI schema (top_k, min_p, langchain_mode...)."""
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | list[int] | None = None
+    """One prompt: the OpenAI layer fans a list of prompts out into one request each."""
+    stream: bool = False
+    include_usage: bool = False
+    body: dict[str, Any] = field(default_factory=dict)
+    """The client's original JSON body, for pass-through adapters."""
+    request_id: str = ""
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.params.get("max_tokens")
+
+    @property
+    def stop(self) -> list[str]:
+        return self.params.get("stop") or []
+
+    @property
+    def n(self) -> int:
+        return self.params.get("n") or 1
+
+
+def message_text(content: Any) -> str:
+    """The text of a message's `content`: a string, or the text parts of a content list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(
+        part.get("text") or ""
+        for part in content
+        if isinstance(part, dict) and part.get("type") in ("text", "input_text")
+    )
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message_text(message.get("content"))
+    return ""
