@@ -20,10 +20,20 @@ BACKENDS: dict[str, str] = {
     "vllm": "inferbridge.backends.openai_compat:OpenAICompatBackend",
     "openai-compatible": "inferbridge.backends.openai_compat:OpenAICompatBackend",
     "openai": "inferbridge.backends.openai_compat:OpenAIBackend",
+    "tgi": "inferbridge.backends.tgi:TGIBackend",
+    "llamacpp": "inferbridge.backends.llamacpp:LlamaCppBackend",
+    "ollama": "inferbridge.backends.ollama:OllamaBackend",
+    "h2ogpt": "inferbridge.backends.h2ogpt:H2OGPTBackend",
+    "azure": "inferbridge.backends.azure:AzureBackend",
+    "replicate": "inferbridge.backends.replicate:ReplicateBackend",
+    "sagemaker": "inferbridge.backends.sagemaker:SageMakerBackend",
 }
 
 # Optional dependencies: backend name -> (import name, pip extra)
-EXTRAS: dict[str, tuple[str, str]] = {}
+EXTRAS: dict[str, tuple[str, str]] = {
+    "h2ogpt": ("gradio_client", "h2ogpt"),
+    "sagemaker": ("boto3", "sagemaker"),
+}
 
 
 def backend_class(name: str) -> type[Backend]:
