@@ -174,9 +174,10 @@ class HttpUpstream:
         if json is not None:
             data = orjson.dumps(json)
             headers = {"Content-Type": "application/json", **(headers or {})}
+        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
             async with self.session.request(
-                method, url, data=data, params=params, headers=headers, timeout=timeout
+                method, url, data=data, params=params, headers=headers, **extra
             ) as resp:
                 if resp.status >= 400:
                     body = await resp.read()
