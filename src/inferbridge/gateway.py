@@ -19,7 +19,7 @@ from inferbridge.config import Config
 from inferbridge.errors import AuthenticationFailed
 from inferbridge.events import Event
 from inferbridge.fanout import fan_out
-from inferbridge.request import InferenceRequest
+from inferbridge.request import InferenceRequest, RouteInfo
 from inferbridge.router import Router
 
 
@@ -67,14 +67,19 @@ class Gateway:
 
     # -- dispatch -------------------------------------------------------------------------
     def open_stream(
-        self, request: InferenceRequest
+        self, request: InferenceRequest, route: RouteInfo
     ) -> tuple[AsyncIterator[Sequence[Event]], int]:
         """Pick a deployment and start the request; returns (event stream, choice count).
 
         Raises before returning for everything that can be known up front (unknown model,
-        unsupported parameters), so those become plain HTTP errors.
+        unsupported parameters), so those become plain HTTP errors. `route` is filled in
+        with the deployment that serves the request.
         """
         backend = self.router.pick(request.model)
+        route.model = request.model
+        route.deployment = backend.label
+        route.backend = backend.config.backend
+        route.attempts += 1
         n = request.n
         if not backend.native_n and n > 1:
             request.params.pop("n", None)

@@ -49,6 +49,18 @@ class InferenceRequest:
         return self.params.get("n") or 1
 
 
+@dataclass(slots=True)
+class RouteInfo:
+    """Which deployment served a request; filled in by the router as it goes, read by the
+    OpenAI layer for response headers, metrics and access logs."""
+
+    model: str = ""
+    """The model that answered (differs from the requested one after a fallback)."""
+    deployment: str = ""
+    backend: str = ""
+    attempts: int = 0
+
+
 def message_text(content: Any) -> str:
     """The text of a message's `content`: a string, or the text parts of a content list."""
     if content is None:

@@ -28,7 +28,7 @@ from inferbridge.api.responses import ResponseAssembler, StreamEncoder, error_ev
 from inferbridge.errors import InferbridgeError, PayloadTooLarge
 from inferbridge.events import Event
 from inferbridge.gateway import Gateway
-from inferbridge.request import InferenceRequest, Kind
+from inferbridge.request import InferenceRequest, Kind, RouteInfo
 
 log = logging.getLogger("inferbridge")
 
@@ -105,7 +105,8 @@ class CompletionsEndpoint:
             body = await read_body(receive, headers, self.limit)
             request = build_request(self.kind, parse_body(body))
             request.request_id = request_id
-            stream, choices = self.gateway.open_stream(request)
+            route = RouteInfo()
+            stream, choices = self.gateway.open_stream(request, route)
         except ClientGone:
             return
         except InferbridgeError as exc:
@@ -121,10 +122,9 @@ class CompletionsEndpoint:
         watch = DisconnectWatch(receive, task)
         try:
             if request.stream:
-                await self._stream(request, stream, choices, watch.send_wrapper(send), request_id)
+                await self._stream(request, stream, choices, watch.send_wrapper(send), route)
             else:
-                await self._complete(request, stream, choices, watch.send_wrapper(send),
-                                     request_id)
+                await self._complete(request, stream, choices, watch.send_wrapper(send), route)
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
@@ -140,8 +140,9 @@ class CompletionsEndpoint:
         stream: AsyncIterator[Sequence[Event]],
         choices: int,
         send: Send,
-        request_id: str,
+        route: RouteInfo,
     ) -> None:
+        request_id = request.request_id
         assembler = ResponseAssembler(request, choices)
         try:
             async for batch in stream:
@@ -154,7 +155,7 @@ class CompletionsEndpoint:
             await send_error(send, internal_error(request_id), request_id)
             return
         response, estimated = assembler.result()
-        headers = [*JSON_HEADERS, (b"x-request-id", request_id.encode())]
+        headers = [*JSON_HEADERS, *_route_headers(request_id, route)]
         if estimated:
             headers.append((b"x-inferbridge-usage-estimated", b"true"))
         await send_json(send, 200, orjson.dumps(response), headers)
@@ -165,8 +166,9 @@ class CompletionsEndpoint:
         stream: AsyncIterator[Sequence[Event]],
         choices: int,
         send: Send,
-        request_id: str,
+        route: RouteInfo,
     ) -> None:
+        request_id = request.request_id
         iterator = stream.__aiter__()
         try:
             first: Sequence[Event] = await iterator.__anext__()
@@ -184,7 +186,7 @@ class CompletionsEndpoint:
         await send({
             "type": "http.response.start",
             "status": 200,
-            "headers": [*SSE_HEADERS, (b"x-request-id", request_id.encode())],
+            "headers": [*SSE_HEADERS, *_route_headers(request_id, route)],
         })
         await send({
             "type": "http.response.body",
@@ -206,6 +208,12 @@ class CompletionsEndpoint:
             log.exception("request %s failed mid-stream", request_id)
             tail = error_event(internal_error(request_id).envelope())
         await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+def _route_headers(request_id: str, route: RouteInfo) -> list[tuple[bytes, bytes]]:
+    """`x-request-id`, and `x-inferbridge-model`: the model that answered (after fallbacks)."""
+    return [(b"x-request-id", request_id.encode()),
+            (b"x-inferbridge-model", route.model.encode())]
 
 
 class DisconnectWatch:
