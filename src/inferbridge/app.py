@@ -43,6 +43,7 @@ def _error(exc: InferbridgeError) -> Response:
 def build_api(gateway: Gateway) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        gateway.observability.start()
         await gateway.start()
         log.info("inferbridge %s serving models: %s", __version__,
                  ", ".join(gateway.router.models) or "(none)")
@@ -50,6 +51,7 @@ def build_api(gateway: Gateway) -> FastAPI:
             yield
         finally:
             await gateway.close()
+            gateway.observability.stop()
 
     api = FastAPI(
         title="inferbridge",
@@ -96,6 +98,11 @@ def build_api(gateway: Gateway) -> FastAPI:
     @api.get("/health", tags=["health"], summary="Liveness check")
     async def health() -> Response:
         return _json({"status": "ok"})
+
+    @api.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(gateway.observability.exposition(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @api.get("/v1/models", tags=["openai"], summary="List models")
     async def list_models(request: Request) -> Response:

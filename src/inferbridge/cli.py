@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from typing import Any
 
 import orjson
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         os.environ["INFERBRIDGE_CONFIG"] = os.path.abspath(args.config)
     os.environ["INFERBRIDGE_CLI_OVERRIDES"] = orjson.dumps(overrides).decode()
+    if server.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Several processes: /metrics aggregates them through a shared folder.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="inferbridge-metrics-")
     uvicorn.run(
         "inferbridge.app:app_from_env",
         factory=True,

@@ -70,6 +70,8 @@ class ServerConfig(BaseModel):
     drop_unsupported_params: bool = False
     log_prompts: bool = False
     """Log prompts and completions (off by default: they are private)."""
+    access_log: bool = True
+    """One JSON line per request on stderr (ids, model, status, timings, token counts)."""
 
 
 class AuthConfig(BaseModel):
@@ -127,7 +129,7 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
         value = env.get(f"INFERBRIDGE_{key.upper()}")
         if value:
             server[key] = value
-    for key in ("drop_unsupported_params", "log_prompts"):
+    for key in ("drop_unsupported_params", "log_prompts", "access_log"):
         value = env.get(f"INFERBRIDGE_{key.upper()}")
         if value:
             server[key] = value.strip().lower() in ("1", "true", "yes", "on")

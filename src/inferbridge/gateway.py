@@ -19,6 +19,7 @@ from inferbridge.config import Config
 from inferbridge.errors import AuthenticationFailed
 from inferbridge.events import Event
 from inferbridge.fanout import fan_out
+from inferbridge.observability import Observability
 from inferbridge.request import InferenceRequest, RouteInfo
 from inferbridge.router import Router
 
@@ -32,6 +33,9 @@ class Gateway:
         ]
         self.router = Router(self.backends)
         self._keys = [key.encode() for key in config.auth.api_keys]
+        self.observability = Observability(
+            log_prompts=config.server.log_prompts, access_log=config.server.access_log
+        )
 
     async def start(self) -> None:
         for backend in self.backends:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -28,9 +29,11 @@ from inferbridge.api.responses import ResponseAssembler, StreamEncoder, error_ev
 from inferbridge.errors import InferbridgeError, PayloadTooLarge
 from inferbridge.events import Event
 from inferbridge.gateway import Gateway
+from inferbridge.observability import RequestTimer
 from inferbridge.request import InferenceRequest, Kind, RouteInfo
 
 log = logging.getLogger("inferbridge")
+_now = time.perf_counter
 
 Scope = dict[str, Any]
 Receive = Any
@@ -95,8 +98,10 @@ class CompletionsEndpoint:
         self.gateway = gateway
         self.kind: Kind = kind
         self.limit = gateway.config.server.max_body_bytes
+        self.observe = gateway.observability
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timer = RequestTimer()
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id")
         request_id = rid.decode("latin-1") if rid else uuid.uuid4().hex
@@ -117,76 +122,75 @@ class CompletionsEndpoint:
             await send_error(send, internal_error(request_id), request_id)
             return
 
+        timer.routed = _now()
+        exchange = Exchange(request, route, timer, send)
+        self.observe.started(request.model)
         task = asyncio.current_task()
         assert task is not None
         watch = DisconnectWatch(receive, task)
+        exchange.send = watch.send_wrapper(send)
         try:
             if request.stream:
-                await self._stream(request, stream, choices, watch.send_wrapper(send), route)
+                await self._stream(exchange, stream, choices)
             else:
-                await self._complete(request, stream, choices, watch.send_wrapper(send), route)
+                await self._complete(exchange, stream, choices)
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
             task.uncancel()
+            timer.disconnected = True
             log.info("request %s: client disconnected, upstream request cancelled", request_id)
         finally:
             watch.stop()
             await _close(stream)
+            self.observe.record(request, route, timer, exchange.usage, exchange.error,
+                                exchange.completion)
 
     async def _complete(
-        self,
-        request: InferenceRequest,
-        stream: AsyncIterator[Sequence[Event]],
-        choices: int,
-        send: Send,
-        route: RouteInfo,
+        self, ex: Exchange, stream: AsyncIterator[Sequence[Event]], choices: int
     ) -> None:
-        request_id = request.request_id
-        assembler = ResponseAssembler(request, choices)
+        timer = ex.timer
+        assembler = ResponseAssembler(ex.request, choices)
         try:
             async for batch in stream:
+                if not timer.first:
+                    timer.first = _now()
                 assembler.add(batch)
-        except InferbridgeError as exc:
-            await send_error(send, exc, request_id)
+        except Exception as exc:
+            await ex.fail(exc)
             return
-        except Exception:
-            log.exception("request %s failed in its backend stream", request_id)
-            await send_error(send, internal_error(request_id), request_id)
-            return
+        timer.last = _now()
         response, estimated = assembler.result()
-        headers = [*JSON_HEADERS, *_route_headers(request_id, route)]
+        ex.usage = response["usage"]
+        if self.observe.log_prompts:
+            ex.completion = [c.get("message", c.get("text")) for c in response["choices"]]
+        headers = [*JSON_HEADERS, *ex.route_headers()]
         if estimated:
             headers.append((b"x-inferbridge-usage-estimated", b"true"))
-        await send_json(send, 200, orjson.dumps(response), headers)
+        await send_json(ex.send, 200, orjson.dumps(response), headers)
+        timer.status = 200
 
     async def _stream(
-        self,
-        request: InferenceRequest,
-        stream: AsyncIterator[Sequence[Event]],
-        choices: int,
-        send: Send,
-        route: RouteInfo,
+        self, ex: Exchange, stream: AsyncIterator[Sequence[Event]], choices: int
     ) -> None:
-        request_id = request.request_id
+        timer = ex.timer
+        send = ex.send
         iterator = stream.__aiter__()
         try:
             first: Sequence[Event] = await iterator.__anext__()
         except StopAsyncIteration:
             first = ()
-        except InferbridgeError as exc:
-            await send_error(send, exc, request_id)
+        except Exception as exc:
+            await ex.fail(exc)
             return
-        except Exception:
-            log.exception("request %s failed in its backend stream", request_id)
-            await send_error(send, internal_error(request_id), request_id)
-            return
+        timer.first = _now()
 
-        encoder = StreamEncoder(request, choices)
+        encoder = StreamEncoder(ex.request, choices, keep_text=self.observe.log_prompts)
+        timer.status = 200
         await send({
             "type": "http.response.start",
             "status": 200,
-            "headers": [*SSE_HEADERS, *_route_headers(request_id, route)],
+            "headers": [*SSE_HEADERS, *ex.route_headers()],
         })
         await send({
             "type": "http.response.body",
@@ -194,26 +198,62 @@ class CompletionsEndpoint:
             "more_body": True,
         })
         try:
-            if first or choices:
-                async for batch in iterator:
-                    data = encoder.encode(batch)
-                    if data:
-                        await send({"type": "http.response.body", "body": data,
-                                    "more_body": True})
+            async for batch in iterator:
+                data = encoder.encode(batch)
+                if data:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
             tail = encoder.closing()
-        except InferbridgeError as exc:
-            log.warning("request %s: stream failed after it started: %s", request_id, exc)
-            tail = error_event(exc.envelope())
-        except Exception:
-            log.exception("request %s failed mid-stream", request_id)
-            tail = error_event(internal_error(request_id).envelope())
+            ex.usage, _ = encoder.tracker.final_usage(ex.request)
+        except Exception as exc:
+            tail = error_event(ex.stream_failed(exc).envelope())
+        ex.completion = encoder.tracker.text
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
-def _route_headers(request_id: str, route: RouteInfo) -> list[tuple[bytes, bytes]]:
-    """`x-request-id`, and `x-inferbridge-model`: the model that answered (after fallbacks)."""
-    return [(b"x-request-id", request_id.encode()),
-            (b"x-inferbridge-model", route.model.encode())]
+class Exchange:
+    """One request in flight: what the handler needs to answer and to record it."""
+
+    __slots__ = ("completion", "error", "request", "route", "send", "timer", "usage")
+
+    def __init__(self, request: InferenceRequest, route: RouteInfo, timer: RequestTimer,
+                 send: Send) -> None:
+        self.request = request
+        self.route = route
+        self.timer = timer
+        self.send = send
+        self.usage: dict[str, Any] | None = None
+        self.error: Exception | None = None
+        self.completion: Any = None
+
+    def route_headers(self) -> list[tuple[bytes, bytes]]:
+        """x-request-id, x-inferbridge-model (the model that answered, after fallbacks) and
+        x-inferbridge-overhead-ms; computed when the response headers leave."""
+        overhead = self.timer.overhead = self.timer.overhead_so_far()
+        return [(b"x-request-id", self.request.request_id.encode()),
+                (b"x-inferbridge-model", self.route.model.encode()),
+                (b"x-inferbridge-overhead-ms", f"{overhead * 1000:.3f}".encode())]
+
+    def _as_error(self, exc: Exception) -> InferbridgeError:
+        self.error = exc
+        if isinstance(exc, InferbridgeError):
+            return exc
+        log.error("request %s failed in its backend stream", self.request.request_id,
+                  exc_info=exc)
+        return internal_error(self.request.request_id)
+
+    async def fail(self, exc: Exception) -> None:
+        """Answer with an HTTP error: nothing was sent yet."""
+        err = self._as_error(exc)
+        self.timer.status = err.status
+        self.timer.overhead = self.timer.overhead_so_far()
+        await send_error(self.send, err, self.request.request_id)
+
+    def stream_failed(self, exc: Exception) -> InferbridgeError:
+        """The stream broke after it started: the error goes out as an SSE event."""
+        err = self._as_error(exc)
+        log.warning("request %s: stream failed after it started: %s",
+                    self.request.request_id, err.message)
+        return err
 
 
 class DisconnectWatch:

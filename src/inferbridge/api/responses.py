@@ -32,10 +32,11 @@ def new_id(kind: str) -> str:
 class ChoiceTracker:
     """What has been produced per choice: enough to close every choice and count usage."""
 
-    __slots__ = ("chars", "choices", "finished", "has_tools", "usage")
+    __slots__ = ("chars", "choices", "finished", "has_tools", "text", "usage")
 
-    def __init__(self, choices: int) -> None:
+    def __init__(self, choices: int, keep_text: bool = False) -> None:
         self.choices = choices
+        self.text: list[str] | None = [] if keep_text else None
         self.finished: dict[int, str] = {}
         self.has_tools: set[int] = set()
         self.chars = 0
@@ -75,7 +76,7 @@ class ChoiceTracker:
 class StreamEncoder:
     """Encodes event batches as SSE `data:` lines for one streamed response."""
 
-    def __init__(self, request: InferenceRequest, choices: int) -> None:
+    def __init__(self, request: InferenceRequest, choices: int, keep_text: bool = False) -> None:
         self.request = request
         self.chat = request.kind == "chat"
         self.id = new_id(request.kind)
@@ -89,7 +90,7 @@ class StreamEncoder:
         }
         self._head = b"data: " + orjson.dumps(head)[:-1] + b',"choices":'
         self._tail = b',"usage":null}\n\n' if request.include_usage else b"}\n\n"
-        self.tracker = ChoiceTracker(choices)
+        self.tracker = ChoiceTracker(choices, keep_text)
 
     def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
         return self._head + orjson.dumps(choices) + self._tail
@@ -120,6 +121,8 @@ class StreamEncoder:
         for ev in batch:
             if isinstance(ev, TextDelta):
                 tracker.chars += len(ev.text)
+                if tracker.text is not None:
+                    tracker.text.append(ev.text)
                 out.append(self._chunk([self._choice(
                     ev.index, {"content": ev.text}, ev.logprobs)]))
             elif isinstance(ev, ToolCallDelta):

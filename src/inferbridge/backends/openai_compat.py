@@ -197,11 +197,16 @@ class OpenAICompatBackend(Backend):
             async for raw in self.http.iter_chunks(resp):
                 batch: list[Event] = []
                 done = False
-                for event in decoder.feed(raw):
-                    if event.data == b"[DONE]":
-                        done = True
-                        break
-                    batch.extend(self._chunk(event.data, chat))
+                try:
+                    for event in decoder.feed(raw):
+                        if event.data == b"[DONE]":
+                            done = True
+                            break
+                        batch.extend(self._chunk(event.data, chat))
+                except UpstreamError:
+                    if batch:  # what arrived before the error still goes out first
+                        yield batch
+                    raise
                 if batch:
                     saw_finish = saw_finish or any(type(e) is Finish for e in batch)
                     yield batch

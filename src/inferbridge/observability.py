@@ -1,0 +1,201 @@
+"""Metrics (Prometheus), JSON access logs, and the per-request timing behind them.
+
+The OpenAI layer creates one `RequestTimer` per request, marks a few instants on it (routed,
+first upstream batch, last upstream batch) and hands it to `Observability.record` once at
+the end: nothing is recorded per chunk. Access-log lines are written by a background thread
+(a `QueueListener`), so a slow log sink never blocks the event loop. Prompts and completions
+appear in access logs only with `server.log_prompts: true`.
+
+Proxy overhead = time spent in inferbridge before the upstream call was made plus the time
+from the upstream's answer (its first batch when streaming, its last otherwise) to the
+response leaving inferbridge. It excludes the upstream's own time; it is reported per
+request in the `x-inferbridge-overhead-ms` header and as a histogram.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import queue
+import sys
+import time
+from typing import Any
+
+import orjson
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_multiprocess
+
+from inferbridge.request import InferenceRequest, RouteInfo
+
+_now = time.perf_counter
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class RequestTimer:
+    """Instants of one request, from `time.perf_counter()`."""
+
+    __slots__ = ("disconnected", "first", "last", "overhead", "routed", "start", "status")
+
+    def __init__(self) -> None:
+        self.start = _now()
+        self.routed = 0.0
+        self.first = 0.0
+        self.last = 0.0
+        self.status = 0
+        self.disconnected = False
+        self.overhead = 0.0
+
+    def overhead_so_far(self) -> float:
+        """Seconds spent in the proxy up to now, excluding the upstream's time."""
+        pre = (self.routed or self.start) - self.start
+        answered = self.last or self.first
+        return pre + (_now() - answered if answered else 0.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        route = ["model", "deployment", "backend"]
+        self.requests = Counter("inferbridge_requests", "Requests by model, deployment, "
+                                "backend and HTTP status", [*route, "status"], registry=registry)
+        self.latency = Histogram("inferbridge_request_duration_seconds",
+                                 "Whole request duration", ["model"],
+                                 buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttft = Histogram("inferbridge_time_to_first_token_seconds",
+                              "Time until the first upstream batch", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=registry)
+        self.overhead = Histogram("inferbridge_proxy_overhead_seconds",
+                                  "Time spent in inferbridge, excluding the upstream", ["model"],
+                                  buckets=OVERHEAD_BUCKETS, registry=registry)
+        self.tokens = Counter("inferbridge_tokens", "Tokens by model and kind "
+                              "(prompt/completion)", ["model", "kind"], registry=registry)
+        self.in_flight = Gauge("inferbridge_requests_in_flight", "Requests being served",
+                               ["model"], registry=registry, multiprocess_mode="livesum")
+        self.upstream_errors = Counter("inferbridge_upstream_errors", "Upstream failures by "
+                                       "kind", [*route, "kind"], registry=registry)
+        self.retries = Counter("inferbridge_retries", "Extra upstream attempts", ["model"],
+                               registry=registry)
+        self.fallbacks = Counter("inferbridge_fallbacks", "Requests answered by a fallback "
+                                 "model", ["model", "fallback"], registry=registry)
+        self.disconnects = Counter("inferbridge_client_disconnects", "Clients that left "
+                                   "before the end", ["model"], registry=registry)
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: label lookups are the costly part."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+
+class Observability:
+    """One per process: the metrics registry and the access log."""
+
+    def __init__(self, *, log_prompts: bool = False, access_log: bool = True) -> None:
+        self.log_prompts = log_prompts
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.metrics = Metrics(CollectorRegistry(auto_describe=True))
+        self._listener: logging.handlers.QueueListener | None = None
+        self.access = logging.getLogger("inferbridge.access")
+        self.access.propagate = False
+        self.access_enabled = access_log
+
+    # -- lifecycle (inside the serving process) --------------------------------------------
+    def start(self) -> None:
+        if not self.access_enabled or self._listener is not None:
+            return
+        q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        sink = logging.StreamHandler(sys.stderr)
+        sink.setFormatter(logging.Formatter("%(message)s"))
+        self._listener = logging.handlers.QueueListener(q, sink)
+        self._listener.start()
+        self.access.handlers = [logging.handlers.QueueHandler(q)]  # type: ignore[arg-type]
+        self.access.setLevel(logging.INFO)
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+            self.access.handlers = []
+
+    def exposition(self) -> bytes:
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            prom_multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.metrics.registry)
+
+    # -- per request ------------------------------------------------------------------------
+    def started(self, model: str) -> None:
+        self.metrics.child(self.metrics.in_flight, model).inc()
+
+    def record(
+        self,
+        request: InferenceRequest,
+        route: RouteInfo,
+        timer: RequestTimer,
+        usage: dict[str, Any] | None,
+        error: Exception | None = None,
+        completion: str | None = None,
+    ) -> None:
+        m = self.metrics
+        end = _now()
+        model = request.model
+        m.child(m.in_flight, model).dec()
+        status = str(timer.status or 0)
+        m.child(m.requests, model, route.deployment, route.backend, status).inc()
+        m.child(m.latency, model).observe(end - timer.start)
+        overhead = timer.overhead
+        m.child(m.overhead, model).observe(overhead)
+        ttft = timer.first - timer.start if timer.first else None
+        if ttft is not None:
+            m.child(m.ttft, model).observe(ttft)
+        if usage:
+            m.child(m.tokens, model, "prompt").inc(usage.get("prompt_tokens", 0))
+            m.child(m.tokens, model, "completion").inc(usage.get("completion_tokens", 0))
+        kind = getattr(error, "code", None) or (type(error).__name__ if error else None)
+        if error is not None and route.deployment:
+            m.child(m.upstream_errors, model, route.deployment, route.backend, kind).inc()
+        if route.attempts > 1:
+            m.child(m.retries, model).inc(route.attempts - 1)
+        if route.model and route.model != model:
+            m.child(m.fallbacks, model, route.model).inc()
+        if timer.disconnected:
+            m.child(m.disconnects, model).inc()
+        if not self.access_enabled:
+            return
+        line: dict[str, Any] = {
+            "ts": round(time.time(), 3),
+            "request_id": request.request_id,
+            "kind": request.kind,
+            "model": model,
+            "answered_by": route.model or None,
+            "deployment": route.deployment or None,
+            "backend": route.backend or None,
+            "attempts": route.attempts,
+            "stream": request.stream,
+            "status": timer.status,
+            "latency_ms": round((end - timer.start) * 1000, 3),
+            "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
+            "overhead_ms": round(overhead * 1000, 3),
+            "prompt_tokens": usage.get("prompt_tokens") if usage else None,
+            "completion_tokens": usage.get("completion_tokens") if usage else None,
+            "client_disconnected": timer.disconnected,
+            "error": kind,
+        }
+        if self.log_prompts:
+            line["messages"] = request.messages
+            line["prompt"] = request.prompt
+            line["completion"] = completion
+        self.access.info(orjson.dumps(line, default=str).decode())
