@@ -1,0 +1,480 @@
+"""The `tgi` backend: Hugging Face text-generation-inference's native API.
+
+Chat requests are rendered with the entry's chat template (without the leading BOS: TGI's
+tokenizer adds it) and sent as `inputs` to `POST /generate` (non-streaming) or
+`POST /generate_stream` (SSE); legacy completions send their prompt as given. OpenAI
+parameters are translated into TGI's `parameters` object, mapping every value TGI would
+reject with a 422 to what it means (temperature 0 -> greedy, top_p 1 -> no nucleus, ...),
+and always asking for `details: true` (finish reason and token counts) and
+`return_full_text: false`.
+
+Stop strings: TGI accepts at most `/info.max_stop_sequences` of them (read once per
+deployment, 4 when /info is unavailable). The client's stops are sent first, then the
+template's, the template's EOS last (TGI stops on EOS by itself); every stop string,
+sent or not, is also enforced here with a `StopCutter`.
+
+Usage comes from `details` (`input_length`, `generated_tokens`) on streams and from the
+`x-prompt-tokens` header plus `details.generated_tokens` otherwise. TGI errors
+(`{"error", "error_type"}` bodies, and the same object as an SSE event at HTTP 200) become
+`UpstreamError`s: validation -> 400, overloaded -> 429, generation failures -> 502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from inferbridge.backends.base import Backend
+from inferbridge.backends.http import HttpUpstream, error_message, status_error
+from inferbridge.backends.prompting import PromptBuilder, PromptSettings
+from inferbridge.config import DeploymentConfig
+from inferbridge.decoders import SSEDecoder
+from inferbridge.errors import InvalidRequest, UpstreamError, UpstreamRejected
+from inferbridge.events import Event, Finish, TextDelta, Usage, normalize_finish
+from inferbridge.request import InferenceRequest
+from inferbridge.stops import StopCutter
+
+log = logging.getLogger("inferbridge.tgi")
+
+DEFAULT_MAX_STOP_SEQUENCES = 4
+"""TGI's own default for `--max-stop-sequences`, used while /info cannot be read."""
+INFO_RETRY_SECONDS = 30.0
+
+# HTTP status TGI gives each `error_type` (server.rs `impl From<InferError>`); SSE error
+# events carry only the type, so they are mapped through the same table.
+ERROR_TYPE_STATUS = {
+    "validation": 422,
+    "template_error": 422,
+    "missing_template_variable": 422,
+    "tool_error": 422,
+    "overloaded": 429,
+    "generation": 424,
+    "healthcheck": 503,
+}
+
+# A JSON object, nested up to three levels (TGI's json grammar needs a schema with
+# `properties`, so "any object" for response_format json_object is sent as a regex).
+_WS = r"[ ]?"
+_STRING = r'"([^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"'
+_SCALAR = rf"({_STRING}|-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?|true|false|null)"
+
+
+def _json_value(depth: int) -> str:
+    if depth == 0:
+        return _SCALAR
+    inner = _json_value(depth - 1)
+    array = rf"\[{_WS}({inner}({_WS},{_WS}{inner})*)?{_WS}\]"
+    return rf"({_SCALAR}|{array}|{_json_object(depth)})"
+
+
+def _json_object(depth: int) -> str:
+    member = rf"{_STRING}{_WS}:{_WS}{_json_value(depth - 1)}"
+    return rf"\{{{_WS}({member}({_WS},{_WS}{member})*)?{_WS}\}}"
+
+
+JSON_OBJECT_REGEX = _json_object(3)
+
+
+class TGISettings(PromptSettings):
+    url: str  # type: ignore[assignment]  # required: TGI's base URL (no /v1)
+
+
+@dataclass(frozen=True)
+class TGIInfo:
+    """The router limits inferbridge needs from `GET /info`."""
+
+    max_stop_sequences: int = DEFAULT_MAX_STOP_SEQUENCES
+    max_input_tokens: int | None = None
+
+    @classmethod
+    def parse(cls, data: Any) -> TGIInfo:
+        if not isinstance(data, dict):
+            return cls()
+        stops = data.get("max_stop_sequences")
+        inputs = data.get("max_input_tokens", data.get("max_input_length"))
+        return cls(
+            stops if isinstance(stops, int) and stops >= 0 else DEFAULT_MAX_STOP_SEQUENCES,
+            inputs if isinstance(inputs, int) and inputs > 0 else None,
+        )
+
+
+# -- errors -------------------------------------------------------------------------------
+def tgi_error(label: str, status: int, body: bytes, headers: Any = None) -> UpstreamError:
+    """Map a TGI error answer (`{"error": "...", "error_type": "..."}`) to inferbridge's."""
+    if status == 424 or (status >= 500 and status not in (503, 504)):
+        message = error_message(body)
+        return UpstreamError(f"{label} failed (HTTP {status}): {message}", backend=label)
+    err = status_error(label, status, body, headers)
+    if status == 422 and ("must be <=" in err.message or "must have less than" in err.message):
+        err.code = "context_length_exceeded"
+    return err
+
+
+def event_error(label: str, event: dict[str, Any]) -> UpstreamError:
+    """The exception for an SSE error event (sent at HTTP 200)."""
+    status = ERROR_TYPE_STATUS.get(str(event.get("error_type")), 500)
+    return tgi_error(label, status, orjson.dumps(event))
+
+
+# -- request translation ------------------------------------------------------------------
+def _extra(x: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = x.get(key)
+    if value is not None and (
+        isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind)
+    ):
+        raise InvalidRequest(f"Invalid value for '{key}': expected {what}.", param=key)
+    return value
+
+
+def _check(ok: bool, key: str, rule: str) -> None:
+    if not ok:
+        raise InvalidRequest(f"Invalid value for '{key}': {rule}.", param=key)
+
+
+def response_grammar(fmt: Any) -> dict[str, Any] | None:
+    """TGI's `grammar` for an OpenAI `response_format`."""
+    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
+        return None
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if fmt["type"] == "json_schema" and schema:
+        return {"type": "json", "value": schema}
+    return {"type": "regex", "value": JSON_OBJECT_REGEX}
+
+
+def translate_params(request: InferenceRequest, info: TGIInfo) -> dict[str, Any]:
+    """TGI `parameters` for the request's sampling settings (stops and flags excluded)."""
+    p, x = request.params, request.extras
+    top_k = _extra(x, "top_k", int, "an integer")
+    typical_p = _extra(x, "typical_p", (int, float), "a number")
+    repetition = _extra(x, "repetition_penalty", (int, float), "a number")
+    truncate = _extra(x, "truncate", int, "an integer")
+    do_sample = _extra(x, "do_sample", bool, "true or false")
+    watermark = _extra(x, "watermark", bool, "true or false")
+    adapter_id = _extra(x, "adapter_id", str, "a string")
+    _check(top_k is None or top_k >= -1, "top_k", "must be > 0 (0 or -1: disabled)")
+    _check(typical_p is None or typical_p > 0, "typical_p", "must be > 0 (1.0: disabled)")
+    _check(repetition is None or repetition > 0, "repetition_penalty", "must be > 0")
+    _check(truncate is None or truncate > 0, "truncate", "must be a positive token count")
+
+    out: dict[str, Any] = {}
+    if p.get("max_tokens") is not None:
+        out["max_new_tokens"] = p["max_tokens"]
+    temperature, top_p = p.get("temperature"), p.get("top_p")
+    if temperature == 0 or top_p == 0:
+        out["do_sample"] = False  # greedy; sampling filters cannot change the argmax
+    else:
+        if temperature is not None:  # TGI decodes greedily at 1.0 unless told to sample
+            out.update(temperature=temperature, do_sample=True)
+        if top_p is not None and top_p < 1:
+            out["top_p"] = top_p
+        if top_k is not None and top_k > 0:
+            out["top_k"] = top_k
+        if typical_p is not None and typical_p < 1:
+            out["typical_p"] = typical_p
+        if do_sample is not None:
+            out["do_sample"] = do_sample
+    if p.get("frequency_penalty"):
+        out["frequency_penalty"] = p["frequency_penalty"]
+    if repetition is not None:
+        out["repetition_penalty"] = repetition
+    seed = p.get("seed")
+    if isinstance(seed, int) and seed >= 0:
+        out["seed"] = seed % 2**64
+    if truncate is not None:
+        limit = info.max_input_tokens
+        out["truncate"] = min(truncate, limit) if limit else truncate
+    if watermark is not None:
+        out["watermark"] = watermark
+    if adapter_id is not None:
+        out["adapter_id"] = adapter_id
+    grammar = response_grammar(p.get("response_format"))
+    if x.get("grammar") is not None:
+        g = x["grammar"]
+        if grammar is not None:
+            raise InvalidRequest("Set 'response_format' or 'grammar', not both.", param="grammar")
+        _check(
+            isinstance(g, dict) and g.get("type") in ("json", "regex", "json_schema"),
+            "grammar",
+            'expected {"type": "json"|"regex"|"json_schema", "value": ...}',
+        )
+        grammar = g
+    if grammar is not None:
+        out["grammar"] = grammar
+    top = _top_logprobs(request)
+    if top:
+        out["top_n_tokens"] = top
+    return out
+
+
+def _top_logprobs(request: InferenceRequest) -> int:
+    """How many alternatives per token the client wants (0: none)."""
+    p = request.params
+    if request.kind == "completion":
+        return int(p.get("logprobs") or 0)
+    if p.get("top_logprobs") and not p.get("logprobs"):
+        raise InvalidRequest("'top_logprobs' requires 'logprobs': true.", param="top_logprobs")
+    return int(p.get("top_logprobs") or 0) if p.get("logprobs") else 0
+
+
+def stops_for_tgi(stops: list[str], client: list[str], eos: str | None, limit: int) -> list[str]:
+    """The stop strings sent to TGI (at most `limit`): the client's, then the template's,
+    the template's EOS last. All of `stops` are enforced by inferbridge anyway."""
+    ordered = dict.fromkeys(s for s in client if s in stops)
+    ordered.update(dict.fromkeys(s for s in stops if s != eos))
+    ordered.update(dict.fromkeys(s for s in stops if s == eos))
+    return list(ordered)[: max(limit, 0)]
+
+
+# -- response translation ------------------------------------------------------------------
+class _Logprobs:
+    """Builds OpenAI logprobs for the tokens whose text was actually emitted."""
+
+    def __init__(self, chat: bool, top: int) -> None:
+        self.chat, self.top = chat, top
+        self.pending: list[tuple[int, str, float, list[tuple[str, float]]]] = []
+        self.fed = self.emitted = 0
+
+    def add(self, token: dict[str, Any], tops: Any) -> None:
+        text = token.get("text") or ""
+        alts = [(a.get("text") or "", _lp(a)) for a in (tops or [])[: self.top]]
+        self.pending.append((self.fed, text, _lp(token), alts))
+        self.fed += len(text)
+
+    def take(self, emitted: int, everything: bool = False) -> Any:
+        self.emitted += emitted
+        ready = [e for e in self.pending if everything or e[0] < self.emitted]
+        self.pending = self.pending[len(ready) :]
+        if not ready:
+            return None
+        if self.chat:
+            return {"content": [_chat_entry(t, lp, alts) for _, t, lp, alts in ready]}
+        return {
+            "tokens": [e[1] for e in ready],
+            "token_logprobs": [e[2] for e in ready],
+            "top_logprobs": [dict(e[3]) for e in ready],
+            "text_offset": [e[0] for e in ready],
+        }
+
+
+def _chat_entry(text: str, lp: float, alts: list[tuple[str, float]]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"token": text, "logprob": lp, "bytes": list(text.encode())}
+    entry["top_logprobs"] = [{"token": a, "logprob": x, "bytes": list(a.encode())} for a, x in alts]
+    return entry
+
+
+def _lp(token: Any) -> float:
+    value = token.get("logprob") if isinstance(token, dict) else None
+    return float(value) if isinstance(value, int | float) else -9999.0
+
+
+class _Reply:
+    """Turns TGI tokens (or a whole generated text) into events, cutting at stop strings."""
+
+    def __init__(self, stops: list[str], logprobs: _Logprobs | None) -> None:
+        self.cutter = StopCutter(stops)
+        self.stops = frozenset(stops)
+        self.logprobs = logprobs
+        self.stopped = False
+
+    def _emit(self, text: str, out: list[Event], everything: bool = False) -> None:
+        lp = self.logprobs.take(len(text), everything) if self.logprobs else None
+        if text or lp:
+            out.append(TextDelta(text, logprobs=lp))
+
+    def token(self, token: dict[str, Any], tops: Any, out: list[Event]) -> None:
+        text = token.get("text") or ""
+        if token.get("special"):
+            if text in self.stops:  # a special token named as a stop string
+                self.stopped = True
+                self._emit(self.cutter.flush(), out)
+            return
+        if self.logprobs:
+            self.logprobs.add(token, tops)
+        self._emit(self.cutter.feed(text), out)
+        self.stopped = self.cutter.stopped
+
+    def text(self, text: str, out: list[Event]) -> None:
+        self._emit(self.cutter.feed(text), out)
+        self.stopped = self.cutter.stopped
+
+    def finish(self, reason: str | None, out: list[Event]) -> None:
+        if not self.stopped:
+            self._emit(self.cutter.flush(), out, everything=True)
+        out.append(Finish("stop" if self.stopped else normalize_finish(reason)))
+
+
+class TGIBackend(Backend):
+    Settings = TGISettings
+    supported_params = frozenset(
+        {"max_tokens", "temperature", "top_p", "stop", "seed", "frequency_penalty"}
+        | {"response_format", "logprobs", "top_logprobs"}
+    )
+    supported_extras = frozenset(
+        {"top_k", "repetition_penalty", "typical_p", "truncate", "watermark", "do_sample"}
+        | {"adapter_id", "grammar"}
+    )
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        super().__init__(config)
+        assert isinstance(config, TGISettings)
+        self.prompts = PromptBuilder(config, strip_bos=True)
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self.http = HttpUpstream(
+            config.url,
+            label=self.label,
+            timeout=config.timeout,
+            connect_timeout=config.connect_timeout,
+            headers={**headers, **config.headers},
+            error_mapper=tgi_error,
+        )
+        self._info: TGIInfo | None = None
+        self._info_retry_at = 0.0
+        self._info_lock: asyncio.Lock | None = None
+        self._info_timeout = aiohttp.ClientTimeout(
+            total=min(config.timeout, 10.0), sock_connect=config.connect_timeout
+        )
+
+    async def start(self) -> None:
+        self._info_lock = asyncio.Lock()
+        await self.http.start()
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    # -- /info ----------------------------------------------------------------------------
+    async def info(self) -> TGIInfo:
+        """The router limits, read from /info once (defaults while it cannot be read)."""
+        if self._info is not None:
+            return self._info
+        if time.monotonic() < self._info_retry_at:
+            return TGIInfo()
+        lock = self._info_lock or asyncio.Lock()
+        async with lock:
+            if self._info is not None:
+                return self._info
+            try:
+                async with self.http.request("GET", "/info", timeout=self._info_timeout) as resp:
+                    self._info = TGIInfo.parse(await self.http.read_json(resp))
+                return self._info
+            except UpstreamError as exc:
+                log.warning("%s: cannot read /info (%s); using defaults", self.label, exc)
+                self._info_retry_at = time.monotonic() + INFO_RETRY_SECONDS
+                return TGIInfo()
+
+    def forget_info(self) -> None:
+        """Read /info again on the next request (the server may have restarted)."""
+        self._info = None
+        self._info_retry_at = 0.0
+
+    # -- generation -----------------------------------------------------------------------
+    async def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
+        prompt, stops = self.prompts.build(request)
+        if not prompt:
+            param = "prompt" if request.kind == "completion" else "messages"
+            raise InvalidRequest("TGI cannot generate from an empty prompt.", param=param)
+        if request.max_tokens == 0:  # legacy completions allow it: nothing to generate
+            yield [Finish("length")]
+            return
+        info = await self.info()
+        parameters = translate_params(request, info)
+        template = self.prompts.template
+        eos = template.eos_token if template is not None and request.kind == "chat" else None
+        sent = stops_for_tgi(stops, request.stop, eos, info.max_stop_sequences)
+        parameters.update(details=True, return_full_text=False)
+        if sent:
+            parameters["stop"] = sent
+        payload = {"inputs": prompt, "parameters": parameters}
+        top = parameters.get("top_n_tokens", 0)
+        wants = request.params.get("logprobs")
+        logprobs = _Logprobs(request.kind == "chat", top) if wants else None
+        reply = _Reply(stops, logprobs)
+        try:
+            if request.stream:
+                async for batch in self._generate_stream(payload, reply):
+                    yield batch
+            else:
+                yield await self._generate(payload, reply)
+        except UpstreamError as exc:
+            if not isinstance(exc, UpstreamRejected):
+                self.forget_info()
+            raise
+
+    async def _generate(self, payload: dict[str, Any], reply: _Reply) -> list[Event]:
+        async with self.http.post("/generate", payload) as resp:
+            data = await self.http.read_json(resp)
+            prompt_tokens = resp.headers.get("x-prompt-tokens")
+        if not isinstance(data, dict) or not isinstance(data.get("generated_text"), str):
+            raise UpstreamError(
+                f"{self.label} answered /generate without generated_text", backend=self.label
+            )
+        details = data.get("details") or {}
+        out: list[Event] = []
+        if reply.logprobs is not None:
+            tops = details.get("top_tokens") or []
+            for i, token in enumerate(details.get("tokens") or ()):
+                if not token.get("special"):
+                    reply.logprobs.add(token, tops[i] if i < len(tops) else [])
+        reply.text(data["generated_text"], out)
+        reply.finish(details.get("finish_reason"), out)
+        completion = details.get("generated_tokens")
+        if prompt_tokens and prompt_tokens.isdigit() and isinstance(completion, int):
+            out.append(Usage(int(prompt_tokens), completion))
+        return out
+
+    async def _generate_stream(
+        self, payload: dict[str, Any], reply: _Reply
+    ) -> AsyncIterator[list[Event]]:
+        decoder = SSEDecoder()
+        async with self.http.post("/generate_stream", payload) as resp:
+            chunks = self.http.iter_chunks(resp)
+            while True:
+                raw = await anext(chunks, None)
+                events = decoder.feed(raw) if raw is not None else decoder.flush()
+                batch: list[Event] = []
+                try:
+                    done = any(self._event(ev.data, reply, batch) for ev in events)
+                except UpstreamError:
+                    if batch:  # what arrived before the error still goes out first
+                        yield batch
+                    raise
+                if batch:
+                    yield batch
+                if done:
+                    return  # closing the response cancels TGI's work if it was still going
+                if raw is None:
+                    raise UpstreamError(
+                        f"{self.label} ended the stream before its final token",
+                        backend=self.label,
+                    )
+
+    def _event(self, data: bytes, reply: _Reply, out: list[Event]) -> bool:
+        """Handle one SSE event; True when the answer is complete."""
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                f"{self.label} sent an invalid stream event: {data[:200]!r}", backend=self.label
+            ) from None
+        if not isinstance(event, dict):
+            raise UpstreamError(f"{self.label} sent an invalid stream event", backend=self.label)
+        if event.get("error") is not None:
+            raise event_error(self.label, event)
+        reply.token(event.get("token") or {}, event.get("top_tokens"), out)
+        final = event.get("generated_text") is not None
+        if not final and not reply.stopped:
+            return False
+        details = (event.get("details") or {}) if final else {}
+        reply.finish(details.get("finish_reason"), out)
+        if isinstance(details.get("input_length"), int) and isinstance(
+            details.get("generated_tokens"), int
+        ):
+            out.append(Usage(details["input_length"], details["generated_tokens"]))
+        return True
