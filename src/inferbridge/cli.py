@@ -18,6 +18,7 @@ import orjson
 
 from inferbridge import __version__
 from inferbridge.config import ConfigError, load_config
+from inferbridge.inference_server import InferenceServerError, parse_inference_server
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +40,16 @@ def _parser() -> argparse.ArgumentParser:
         "--drop-unsupported-params", action="store_true", default=None,
         help="ignore parameters a backend does not support instead of answering 400",
     )
+    serve.add_argument(
+        "--inference-server", metavar="SPEC",
+        help="serve one backend given as an h2oGPT --inference_server string "
+        "(e.g. vllm:host:port, http://tgi:80, openai_azure_chat:DEPLOYMENT:BASEURL:VERSION); "
+        "needs --model",
+    )
+    serve.add_argument("--model", help="with --inference-server: the model name (base_model)")
+    serve.add_argument(
+        "--prompt-template", help="with --inference-server: chat template for raw-prompt backends"
+    )
     check = sub.add_parser("check", help="validate a config file and list its models")
     check.add_argument("--config", "-c", default=os.environ.get("INFERBRIDGE_CONFIG"))
     return parser
@@ -50,13 +61,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         for key in ("host", "port", "workers", "log_level", "drop_unsupported_params")
         if (value := getattr(args, key, None)) is not None
     }
-    return {"server": server} if server else {}
+    out: dict[str, Any] = {"server": server} if server else {}
+    spec = getattr(args, "inference_server", None)
+    if spec:
+        if not args.model:
+            raise ConfigError("--inference-server needs --model NAME (h2oGPT's --base_model)")
+        try:
+            entry = parse_inference_server(spec, args.model, prompt_template=args.prompt_template)
+        except InferenceServerError as exc:
+            raise ConfigError(str(exc)) from None
+        out["models"] = [entry]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides = _overrides(args)
     try:
+        overrides = _overrides(args)
         config = load_config(args.config, overrides=overrides)
     except ConfigError as exc:
         print(f"inferbridge: {exc}", file=sys.stderr)

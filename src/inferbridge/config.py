@@ -172,6 +172,9 @@ def load_config(
     data = resolve_env(data)
     for layer in (env_overrides(environ), overrides or {}):
         for section, values in layer.items():
+            if section == "models":  # a one-backend start replaces the file's models
+                data["models"] = values
+                continue
             merged = dict(data.get(section) or {})
             merged.update(values)
             data[section] = merged

@@ -1,0 +1,132 @@
+"""The `inferbridge` command as users run it, and h2oGPT --inference_server strings."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from inferbridge.config import load_config
+from inferbridge.inference_server import InferenceServerError, parse_inference_server
+from tests.fakes.openai_compat import FakeOpenAI
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("http://10.0.0.5:6112", {"backend": "tgi", "url": "http://10.0.0.5:6112"}),
+    ("vllm:10.0.0.5:5000", {"backend": "vllm", "url": "http://10.0.0.5:5000/v1"}),
+    ("vllm_chat:https://host/v1", {"backend": "vllm", "url": "https://host/v1"}),
+    ("vllm_chat:http://localhost:11434/v1/", {"backend": "vllm",
+                                             "url": "http://localhost:11434/v1"}),
+    ("openai_chat", {"backend": "openai", "api_key": "os.environ/OPENAI_API_KEY"}),
+    ("openai_azure_chat:my-dep:res.openai.azure.com:2024-02-01",
+     {"backend": "azure", "url": "https://res.openai.azure.com", "deployment": "my-dep",
+      "api_version": "2024-02-01"}),
+    ("openai_azure_chat:None:https://res.openai.azure.com::sk-1",
+     {"backend": "azure", "url": "https://res.openai.azure.com", "api_key": "sk-1"}),
+    ("replicate:a16z-infra/llama13b-v2-chat:df7690f1",
+     {"backend": "replicate", "version": "df7690f1"}),
+    ("replicate:meta/llama-3-8b", {"backend": "replicate", "model": "meta/llama-3-8b"}),
+    ("sagemaker_chat:my-endpoint:us-west-2",
+     {"backend": "sagemaker", "endpoint_name": "my-endpoint", "region": "us-west-2",
+      "payload": "messages"}),
+    ("sagemaker:my-endpoint", {"backend": "sagemaker", "endpoint_name": "my-endpoint",
+                               "payload": "tgi"}),
+    ("h2ogpt:http://10.0.0.9:7860", {"backend": "h2ogpt", "url": "http://10.0.0.9:7860"}),
+])
+def test_inference_server_strings(spec, expected, monkeypatch):
+    entry = parse_inference_server(spec, "llama")
+    for key, value in expected.items():
+        assert entry[key] == value, key
+    assert entry["name"] == "llama"
+    # every produced entry is a valid config entry
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    monkeypatch.setenv("REPLICATE_API_TOKEN", "k")
+    load_config(data={"models": [entry]}, environ={})
+
+
+def test_bad_inference_server_string():
+    with pytest.raises(InferenceServerError, match="unrecognised"):
+        parse_inference_server("ftp:thing", "m")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str]) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERBRIDGE_")}
+    return subprocess.Popen([sys.executable, "-m", "inferbridge", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_ready(port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read() if proc.stdout else "exited")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError("server did not start")
+
+
+def test_serve_with_inference_server_string():
+    with FakeOpenAI() as upstream:
+        port = _free_port()
+        proc = _run(["serve", "--port", str(port), "--inference-server",
+                     f"vllm_chat:127.0.0.1:{upstream.port}", "--model", "upstream-model"])
+        try:
+            _wait_ready(port, proc)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                                   max_retries=0)
+            r = client.chat.completions.create(
+                model="upstream-model", messages=[{"role": "user", "content": "hi"}])
+            assert r.choices[0].message.content == "Hello from upstream"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_serve_with_config_file_and_two_workers(tmp_path):
+    config = tmp_path / "inferbridge.yaml"
+    config.write_text("auth:\n  api_keys: [os.environ/IB_CLI_KEY]\n"
+                      "models:\n  - name: demo\n    backend: echo\n")
+    port = _free_port()
+    env_key = {"IB_CLI_KEY": "sk-cli"}
+    os.environ.update(env_key)
+    try:
+        proc = _run(["serve", "--config", str(config), "--port", str(port), "--workers", "2"])
+    finally:
+        os.environ.pop("IB_CLI_KEY")
+    try:
+        _wait_ready(port, proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-cli",
+                               max_retries=0)
+        for _ in range(4):
+            r = client.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "two workers"}])
+            assert r.choices[0].message.content == "two workers"
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'inferbridge_requests_total{backend="echo"' in metrics
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_bad_config_exits_2_with_a_clear_message(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("models:\n  - name: m\n    backend: vllm\n")
+    proc = _run(["serve", "--config", str(config)])
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert "models[0] (m): url" in out
