@@ -34,8 +34,7 @@ def _entry(fake: FakeAzure, name: str, **kw: Any) -> dict[str, Any]:
     return {"name": name, "backend": "azure", "url": fake.url, **kw}
 
 
-@pytest.fixture(scope="module")
-def srv(fake: FakeAzure) -> Iterator[InferbridgeServer]:
+def _config(fake: FakeAzure) -> dict[str, Any]:
     models = [
         _entry(fake, "gpt4o", deployment=DEPLOYMENT, api_version=API_VERSION, api_key="azure-key"),
         _entry(fake, "gpt4o-v1", deployment=DEPLOYMENT, api_version="v1", api_key="azure-key"),
@@ -61,8 +60,20 @@ def srv(fake: FakeAzure) -> Iterator[InferbridgeServer]:
             fake, "gpt4o-gone", deployment="deleted", api_version=API_VERSION, api_key="azure-key"
         ),
     ]
-    with InferbridgeServer({"models": models}) as server:
+    return {"models": models}
+
+
+@pytest.fixture(scope="module")
+def srv(fake: FakeAzure) -> Iterator[InferbridgeServer]:
+    with InferbridgeServer(_config(fake)) as server:
         yield server
+
+
+@pytest.fixture
+def fresh(fake: FakeAzure, serve: Any) -> InferbridgeServer:
+    """A server of its own for tests that make deployments fail (a shared one would
+    put them in cooldown for the tests after)."""
+    return serve(_config(fake))
 
 
 # -- the fake, checked with the official Azure client ---------------------------------------
@@ -191,9 +202,9 @@ def test_stop_and_length_finish_reasons_stream(srv: InferbridgeServer, fake: Fak
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_content_filter_error_keeps_code(srv: InferbridgeServer, stream: bool) -> None:
+def test_content_filter_error_keeps_code(fresh: InferbridgeServer, stream: bool) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
-        srv.openai().chat.completions.create(
+        fresh.openai().chat.completions.create(
             model="gpt4o",
             messages=[{"role": "user", "content": "something forbidden"}],
             stream=stream,
@@ -256,10 +267,10 @@ def test_tool_calls_stream_through(srv: InferbridgeServer, fake: FakeAzure) -> N
     assert r.choices[0].finish_reason == "tool_calls"
 
 
-def test_connection_dropped_mid_stream_raises(srv: InferbridgeServer, fake: FakeAzure) -> None:
+def test_connection_dropped_mid_stream_raises(fresh: InferbridgeServer, fake: FakeAzure) -> None:
     fake.behaviour.drop_after_chunks = 3
     fake.behaviour.delay_between_chunks = 0.05
-    stream = srv.openai().chat.completions.create(model="gpt4o", messages=USER, stream=True)
+    stream = fresh.openai().chat.completions.create(model="gpt4o", messages=USER, stream=True)
     got = []
     with pytest.raises(openai.APIError, match=r"closed the connection|before the answer"):
         for chunk in stream:
@@ -267,10 +278,10 @@ def test_connection_dropped_mid_stream_raises(srv: InferbridgeServer, fake: Fake
     assert got == ["", "Hello"]  # the role chunk and the first text, then the error
 
 
-def test_error_event_mid_stream_raises(srv: InferbridgeServer, fake: FakeAzure) -> None:
+def test_error_event_mid_stream_raises(fresh: InferbridgeServer, fake: FakeAzure) -> None:
     fake.error_event_after = 1
     fake.behaviour.delay_between_chunks = 0.05  # the first text leaves before the error
-    stream = srv.openai().completions.create(model="gpt4o", prompt="Say", stream=True)
+    stream = fresh.openai().completions.create(model="gpt4o", prompt="Say", stream=True)
     got = []
     with pytest.raises(openai.APIError, match="server had an error") as exc:
         for chunk in stream:
@@ -307,8 +318,8 @@ def test_entra_token_and_default_deployment(srv: InferbridgeServer, fake: FakeAz
     assert fake.requests[-1].path == "/openai/deployments/gpt4o-mini/chat/completions"
 
 
-def test_upstream_errors_are_mapped(srv: InferbridgeServer, fake: FakeAzure) -> None:
-    client = srv.openai()
+def test_upstream_errors_are_mapped(fresh: InferbridgeServer, fake: FakeAzure) -> None:
+    client = fresh.openai()
     with pytest.raises(openai.InternalServerError, match="rejected inferbridge's credentials"):
         client.chat.completions.create(model="gpt4o-badkey", messages=USER)
     with pytest.raises(openai.NotFoundError) as exc:

@@ -4,6 +4,7 @@ OpenAI's API: auth and organization/project headers, model rewriting, extras rel
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -26,8 +27,7 @@ def _clean(fake: FakeOpenAIPlatform) -> None:
     fake.reset()
 
 
-@pytest.fixture(scope="module")
-def srv(fake: FakeOpenAIPlatform) -> Iterator[InferbridgeServer]:
+def _config(fake: FakeOpenAIPlatform) -> dict[str, Any]:
     base = {"backend": "openai", "url": fake.url + "/v1"}
     models = [
         {**base, "name": "smart", "upstream_model": "gpt-4o", "api_key": "sk-upstream",
@@ -37,8 +37,20 @@ def srv(fake: FakeOpenAIPlatform) -> Iterator[InferbridgeServer]:
         {**base, "name": "badkey", "upstream_model": "gpt-4o", "api_key": "sk-wrong"},
         {**base, "name": "retired", "upstream_model": "gpt-3", "api_key": "sk-upstream"},
     ]  # fmt: skip
-    with InferbridgeServer({"models": models}) as server:
+    return {"models": models}
+
+
+@pytest.fixture(scope="module")
+def srv(fake: FakeOpenAIPlatform) -> Iterator[InferbridgeServer]:
+    with InferbridgeServer(_config(fake)) as server:
         yield server
+
+
+@pytest.fixture
+def fresh(fake: FakeOpenAIPlatform, serve: Any) -> InferbridgeServer:
+    """A server of its own for tests that make deployments fail (a shared one would
+    put them in cooldown for the tests after)."""
+    return serve(_config(fake))
 
 
 def test_default_url_is_openai() -> None:
@@ -122,8 +134,8 @@ def test_length_finish_reason(srv: InferbridgeServer, fake: FakeOpenAIPlatform) 
     assert "stream_options" not in fake.requests[-1].json
 
 
-def test_upstream_errors(srv: InferbridgeServer, fake: FakeOpenAIPlatform) -> None:
-    client = srv.openai()
+def test_upstream_errors(fresh: InferbridgeServer, fake: FakeOpenAIPlatform) -> None:
+    client = fresh.openai()
     with pytest.raises(openai.InternalServerError, match="rejected inferbridge's credentials"):
         client.chat.completions.create(model="badkey", messages=USER)
     with pytest.raises(openai.NotFoundError) as exc:
@@ -140,12 +152,12 @@ def test_upstream_errors(srv: InferbridgeServer, fake: FakeOpenAIPlatform) -> No
     assert bad.value.code == "decimal_above_max_value"
 
 
-def test_drop_mid_stream_raises(srv: InferbridgeServer, fake: FakeOpenAIPlatform) -> None:
+def test_drop_mid_stream_raises(fresh: InferbridgeServer, fake: FakeOpenAIPlatform) -> None:
     fake.behaviour.drop_after_chunks = 2
     fake.behaviour.delay_between_chunks = 0.05
     got = []
     with pytest.raises(openai.APIError) as exc:
-        for chunk in srv.openai().chat.completions.create(
+        for chunk in fresh.openai().chat.completions.create(
             model="smart", messages=USER, stream=True
         ):
             got.append(chunk.choices[0].delta.content)
