@@ -59,15 +59,18 @@ class FakeTGI(FakeServer):
         max_top_n_tokens: int = 5,
     ) -> None:
         super().__init__()
-        self.reply = [
-            tok(t) if isinstance(t, str) else t for t in (reply or ["Hello", " world", "!"])
-        ]
+        self._defaults = (reply, max_stop_sequences, max_input_tokens, max_total_tokens)
+        self.max_top_n_tokens = max_top_n_tokens
+        self._configure()
+
+    def _configure(self) -> None:
+        reply, max_stop_sequences, max_input_tokens, max_total_tokens = self._defaults
+        self.set_reply(*(reply or ["Hello", " world", "!"]))
         self.eos: dict[str, Any] | None = EOS
         self.prompt_tokens: int | None = None  # default: words in inputs + 1 (BOS)
         self.prompt_header = True
         self.error_event: tuple[int, str, str] | None = None  # (after N tokens, type, message)
         self.omit_final = False
-        self.max_top_n_tokens = max_top_n_tokens
         self.info: dict[str, Any] = {
             "model_id": "fake/model",
             "model_sha": None,
@@ -85,6 +88,11 @@ class FakeTGI(FakeServer):
             "docker_label": None,
         }
         self.info_status = 200
+
+    def reset(self) -> None:
+        """Forget recorded requests and restore every knob (reply, errors, /info...)."""
+        super().reset()
+        self._configure()
 
     def set_reply(self, *tokens: str | dict[str, Any]) -> None:
         self.reply = [tok(t) if isinstance(t, str) else t for t in tokens]

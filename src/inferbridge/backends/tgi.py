@@ -349,6 +349,11 @@ class TGIBackend(Backend):
     async def close(self) -> None:
         await self.http.close()
 
+    async def health(self) -> None:
+        """Raise an UpstreamError unless TGI's `/health` answers 200 (model loaded)."""
+        async with self.http.request("GET", "/health", timeout=self._info_timeout):
+            pass
+
     # -- /info ----------------------------------------------------------------------------
     async def info(self) -> TGIInfo:
         """The router limits, read from /info once (defaults while it cannot be read)."""
