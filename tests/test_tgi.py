@@ -33,6 +33,7 @@ from inferbridge.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from tests.fakes.openai_compat import FakeOpenAI
 from tests.fakes.tgi import FakeTGI, tok
 from tests.server import InferbridgeServer
 
@@ -610,3 +611,23 @@ async def test_info_is_refreshed_after_a_failure():
             assert fake.requests[-1].path == "/health"
         finally:
             await b.close()
+
+
+# -- TGI's Messages API (/v1) goes through the openai-compatible adapter ------------------------
+@pytest.mark.parametrize("stream", [False, True])
+def test_tgi_messages_api_via_openai_compatible(serve, stream):
+    with FakeOpenAI() as fake:
+        fake.served_model = "tgi"  # any other name would be taken as a LoRA adapter_id
+        fake.finish_reason = "stop_sequence"  # TGI /v1 keeps it as is
+        entry = {"name": "tgi-messages", "backend": "openai-compatible"}
+        entry.update(url=fake.url + "/v1", upstream_model="tgi")
+        srv = serve({"models": [entry]})
+        r = srv.openai().chat.completions.create(
+            model="tgi-messages", messages=USER, stop=["x"], stream=stream
+        )
+        if stream:
+            chunks = list(r)
+            assert _text(chunks) == "Hello from upstream" and _finishes(chunks) == ["stop"]
+        else:
+            assert r.choices[0].finish_reason == "stop" and r.model == "tgi-messages"
+        assert fake.requests[-1].json["model"] == "tgi"
