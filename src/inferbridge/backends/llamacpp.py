@@ -1,0 +1,469 @@
+"""llama.cpp's `llama-server`, through its native `POST /completion` API.
+
+Chat requests are rendered into one prompt with the entry's chat template
+(`prompt_template` / `chat_template_file`), or, when neither is set and
+`use_server_template` is on, with the model's own template read once from `GET /props`
+(`chat_template`, `bos_token`, `eos_token`). A legacy completion's prompt (text or token
+ids) is sent as given. Stop strings are always sent as a JSON list (llama.cpp silently
+ignores a bare string) and enforced by the server, which leaves them out of `content`.
+
+Streams are SSE `data: {"content": ..., "stop": false}` events ending with one
+`"stop": true` event and no `[DONE]`. The finish reason comes from `stop_type`
+(`eos`/`word`/`limit`/`none`, builds since Dec 2024) or the older `stopped_eos` /
+`stopped_word` / `stopped_limit` booleans; usage from `tokens_evaluated` /
+`tokens_predicted` (`timings` on builds without them). Errors: HTTP
+`{"error": {"code": N, "message", "type"}}`, in-stream `data: {"error": {...}}` or the
+legacy `error: {...}` line; `exceed_context_size_error` becomes a 400
+`context_length_exceeded`. See docs/backends/llamacpp.md for the parameter table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from pydantic import Field
+
+from inferbridge.backends.base import Backend
+from inferbridge.backends.http import HttpUpstream, error_message, status_error
+from inferbridge.backends.prompting import PromptBuilder, PromptSettings
+from inferbridge.decoders import NDJSONDecoder
+from inferbridge.errors import InvalidRequest, UpstreamError, UpstreamRejected, UpstreamUnavailable
+from inferbridge.events import Event, Finish, TextDelta, Usage
+from inferbridge.request import InferenceRequest
+from inferbridge.templates import ChatTemplate, TemplateError
+from inferbridge.templates.renderer import compile_template
+
+
+class LlamaCppSettings(PromptSettings):
+    url: str  # type: ignore[assignment]  # required: the llama-server base URL
+    cache_prompt: bool = Field(
+        default=True, description="Reuse the KV cache of a common prompt prefix (sent always)."
+    )
+    slot_id: int | None = Field(
+        default=None, description="Pin requests to this server slot (`id_slot`, old `slot_id`)."
+    )
+    use_server_template: bool = Field(
+        default=True,
+        description="Without prompt_template/chat_template_file, render chats with the "
+        "template llama-server reports in GET /props.",
+    )
+
+
+# OpenAI parameter -> /completion field, for values passed on unchanged.
+_RENAMED = {
+    "max_tokens": "n_predict",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+
+# Native sampling/control fields a client may send as extras; forwarded as they are.
+_NATIVE_EXTRAS = frozenset(
+    {
+        "top_k",
+        "min_p",
+        "typical_p",
+        "repeat_penalty",
+        "repeat_last_n",
+        "mirostat",
+        "mirostat_tau",
+        "mirostat_eta",
+        "n_keep",
+        "ignore_eos",
+        "grammar",
+        "json_schema",
+        "dynatemp_range",
+        "dynatemp_exponent",
+        "dry_multiplier",
+        "dry_base",
+        "dry_allowed_length",
+        "dry_penalty_last_n",
+        "dry_sequence_breakers",
+        "xtc_probability",
+        "xtc_threshold",
+        "top_n_sigma",
+        "min_keep",
+        "samplers",
+        "t_max_predict_ms",
+        "cache_prompt",
+        "id_slot",
+    }
+)
+
+_STOP_BOOLEANS = (("stopped_limit", "limit"), ("stopped_eos", "eos"), ("stopped_word", "word"))
+
+
+def finish_reason(result: dict[str, Any]) -> str:
+    """The normalized finish reason of a final (`"stop": true`) result, either dialect.
+
+    `eos` and `word` are "stop"; `limit` and `none` are "length", as llama-server's own
+    OpenAI layer maps them. `stopped_limit` is read before `stopped_word` because some 2024
+    builds reported `stopped_word: true` on every stop (llama.cpp PR #7198).
+    """
+    kind = result.get("stop_type")
+    if kind is None:
+        kind = next((k for field, k in _STOP_BOOLEANS if result.get(field)), None)
+        if kind is None and any(field in result for field, _ in _STOP_BOOLEANS):
+            kind = "none"
+    if kind in ("eos", "word"):
+        return "stop"
+    if kind in ("limit", "none"):
+        return "length"
+    return "length" if result.get("truncated") else "stop"
+
+
+def usage_of(result: dict[str, Any]) -> Usage | None:
+    """Token counts of a final result: `tokens_evaluated` / `tokens_predicted`, else `timings`."""
+    timings = result.get("timings") if isinstance(result.get("timings"), dict) else {}
+    prompt = result.get("tokens_evaluated")
+    completion = result.get("tokens_predicted")
+    if prompt is None and "prompt_n" in timings:
+        prompt = int(timings["prompt_n"]) + int(timings.get("cache_n") or 0)
+    if completion is None:
+        completion = timings.get("predicted_n")
+    if prompt is None and completion is None:
+        return None
+    details = None
+    if timings.get("cache_n") is not None:
+        details = {"prompt_tokens_details": {"cached_tokens": int(timings["cache_n"])}}
+    return Usage(int(prompt or 0), int(completion or 0), details)
+
+
+def _context_exceeded(label: str, err: dict[str, Any]) -> UpstreamRejected | None:
+    message = str(err.get("message") or "")
+    if err.get("type") != "exceed_context_size_error" and "context size" not in message:
+        return None
+    if "n_prompt_tokens" in err and "n_ctx" in err:
+        message += f" (prompt: {err['n_prompt_tokens']} tokens, context: {err['n_ctx']})"
+    return UpstreamRejected(
+        f"{message} (from {label})", status=400, code="context_length_exceeded", backend=label
+    )
+
+
+def llamacpp_error(label: str, status: int, body: bytes, headers: Any = None) -> UpstreamError:
+    """HttpUpstream error mapper for llama-server's `{"error": {"code", "message", "type"}}`."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict) and (mapped := _context_exceeded(label, err)):
+        return mapped
+    if status == 404:
+        return UpstreamError(
+            f"{label} has no such endpoint (HTTP 404: {error_message(body)}): "
+            "is `url` the llama-server base URL?",
+            backend=label,
+        )
+    return status_error(label, status, body, headers)
+
+
+def stream_error(label: str, err: Any) -> UpstreamError:
+    """The error reported inside a 200 stream (`data: {"error": ...}` or `error: {...}`)."""
+    if isinstance(err, dict) and isinstance(err.get("error"), dict):
+        err = err["error"]  # `error:` lines of some builds carry the whole envelope
+    if not isinstance(err, dict):
+        return UpstreamError(f"{label} reported an error: {err}", backend=label)
+    if mapped := _context_exceeded(label, err):
+        return mapped
+    code = err.get("code")
+    if isinstance(code, int) and (400 <= code < 500 or code == 503):
+        return llamacpp_error(label, code, orjson.dumps({"error": err}))
+    message = err.get("message") or orjson.dumps(err).decode()
+    return UpstreamError(f"{label} reported an error: {message}", backend=label)
+
+
+class _ResultReader:
+    """Turns /completion results (stream events or the whole answer) into events."""
+
+    def __init__(self, label: str, chat: bool, top_logprobs: int | None) -> None:
+        self.label = label
+        self.chat = chat
+        self.top_logprobs = top_logprobs  # None: logprobs not requested
+        self.offset = 0  # legacy completions' text_offset
+        self.done = False
+
+    def lines(self, lines: list[bytes]) -> list[Event]:
+        """Events of complete SSE lines; only `data:` and legacy `error:` lines matter."""
+        out: list[Event] = []
+        for line in lines:
+            if self.done:
+                break
+            name, _, value = line.rstrip(b"\r").partition(b":")
+            value = value[1:] if value[:1] == b" " else value
+            if name == b"data" and value != b"[DONE]":
+                self.result(self._json(value), out)
+            elif name == b"error":
+                raise stream_error(self.label, self._json(value))
+        return out
+
+    def result(self, obj: Any, out: list[Event], final: bool = False) -> None:
+        if not isinstance(obj, dict):
+            raise UpstreamError(
+                f"{self.label} sent an unexpected result: {obj!r:.200}", backend=self.label
+            )
+        if "error" in obj:
+            raise stream_error(self.label, obj["error"])
+        text = obj.get("content") or ""
+        probs = obj.get("completion_probabilities")
+        logprobs = self._logprobs(probs) if probs and self.top_logprobs is not None else None
+        if text or logprobs is not None:
+            out.append(TextDelta(text, 0, logprobs))
+        if final or obj.get("stop"):
+            self.done = True
+            out.append(Finish(finish_reason(obj)))
+            usage = usage_of(obj)
+            if usage is not None:
+                out.append(usage)
+
+    def _json(self, raw: bytes) -> Any:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                f"{self.label} sent an invalid stream event: {raw[:200]!r}", backend=self.label
+            ) from None
+
+    def _logprobs(self, entries: list[dict[str, Any]]) -> Any:
+        """llama.cpp's `completion_probabilities` in the OpenAI logprobs shape (the events
+        carry logprobs that way, as OpenAI-compatible upstreams give them). Only the
+        `logprob` format maps faithfully; `post_sampling_probs` / pre-2025 `probs` do not."""
+        if not all(isinstance(e, dict) and "logprob" in e for e in entries):
+            return None
+        n = self.top_logprobs or 0
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        "token": e.get("token", ""),
+                        "logprob": e["logprob"],
+                        "bytes": e.get("bytes"),
+                        "top_logprobs": [
+                            {
+                                "token": t.get("token", ""),
+                                "logprob": t.get("logprob"),
+                                "bytes": t.get("bytes"),
+                            }
+                            for t in (e.get("top_logprobs") or [])[:n]
+                        ],
+                    }
+                    for e in entries
+                ]
+            }
+        tokens = [e.get("token", "") for e in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(self.offset)
+            self.offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [
+                {t.get("token", ""): t.get("logprob") for t in (e.get("top_logprobs") or [])[:n]}
+                for e in entries
+            ],
+            "text_offset": offsets,
+        }
+
+
+class LlamaCppBackend(Backend):
+    Settings = LlamaCppSettings
+    supported_params = frozenset(
+        {
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "stop",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "logprobs",
+            "top_logprobs",
+            "response_format",
+        }
+    )
+    supported_extras = _NATIVE_EXTRAS | {"repetition_penalty"}
+    accepts_token_prompts = True
+
+    def __init__(self, config: LlamaCppSettings) -> None:  # type: ignore[override]
+        super().__init__(config)
+        self.settings = config
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self.http = HttpUpstream(
+            config.url,
+            label=self.label,
+            timeout=config.timeout,
+            connect_timeout=config.connect_timeout,
+            headers={**headers, **config.headers},
+            error_mapper=llamacpp_error,
+        )
+        self.builder = PromptBuilder(config, strip_bos=True)  # /completion adds BOS itself
+        self._template_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        await self.http.start()
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    # -- readiness and the server's template ------------------------------------------------
+    async def health(self) -> None:
+        """GET /health: returns when the model is loaded; raises UpstreamUnavailable while
+        it loads (503) and UpstreamError when the server is down or broken."""
+        async with self.http.request("GET", "/health"):
+            pass
+
+    async def load_server_template(self) -> ChatTemplate:
+        """Read the model's chat template from GET /props once, and use it from then on."""
+        async with self._template_lock:
+            if self.builder.template is not None:
+                return self.builder.template
+            try:
+                async with self.http.request("GET", "/props") as resp:
+                    props = await self.http.read_json(resp)
+            except UpstreamUnavailable:
+                raise
+            except UpstreamError as exc:
+                raise UpstreamError(
+                    f"Cannot read the chat template from /props: {exc.message}. Set "
+                    "prompt_template or chat_template_file in the entry.",
+                    backend=self.label,
+                ) from exc
+            source = props.get("chat_template") if isinstance(props, dict) else None
+            if not isinstance(source, str) or not source.strip():
+                raise InvalidRequest(
+                    f"{self.label} reports no chat template in /props: set prompt_template "
+                    "or chat_template_file in its entry, or use /v1/completions.",
+                    param="messages",
+                )
+            try:
+                compile_template(source)
+            except TemplateError as exc:
+                raise InvalidRequest(
+                    f"The chat template of {self.label} cannot be used ({exc}): set "
+                    "prompt_template or chat_template_file in its entry.",
+                    param="messages",
+                ) from None
+            bos = props.get("bos_token") if isinstance(props.get("bos_token"), str) else ""
+            eos = props.get("eos_token") if isinstance(props.get("eos_token"), str) else ""
+            template = ChatTemplate(
+                name=f"{self.settings.url}/props",
+                source=source,
+                bos_token=bos,
+                eos_token=eos,
+                stop=(eos,) if eos else (),
+                leading_bos=bool(bos),
+            )
+            self.builder.template = template
+            return template
+
+    # -- request translation ----------------------------------------------------------------
+    async def prompt(self, request: InferenceRequest) -> tuple[str | list[int], list[str]]:
+        """The /completion `prompt` (text, or token ids as given) and the stop strings."""
+        if request.kind == "completion" and isinstance(request.prompt, list):
+            return request.prompt, list(request.stop)
+        if (
+            request.kind == "chat"
+            and self.builder.template is None
+            and self.settings.use_server_template
+        ):
+            await self.load_server_template()
+        return self.builder.build(request)
+
+    def payload(
+        self, request: InferenceRequest, prompt: str | list[int], stops: list[str]
+    ) -> dict[str, Any]:
+        """The /completion body: only what the client (or the entry's params) asked for."""
+        params = request.params
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "stream": request.stream,
+            "cache_prompt": self.settings.cache_prompt,
+        }
+        if self.settings.slot_id is not None:  # `slot_id` before March 2024, `id_slot` since
+            body["id_slot"] = body["slot_id"] = self.settings.slot_id
+        if stops:
+            body["stop"] = list(stops)
+        for name, field in _RENAMED.items():
+            if name in params:
+                body[field] = params[name]
+        if "logit_bias" in params:
+            body["logit_bias"] = _logit_bias(params["logit_bias"])
+        top = _top_logprobs(request)
+        if top is not None:
+            body["n_probs"] = max(top, 1)
+        if "response_format" in params:
+            body["json_schema"] = _json_schema(params["response_format"])
+        extras = request.extras
+        if "repetition_penalty" in extras:
+            body["repeat_penalty"] = extras["repetition_penalty"]
+        for key in _NATIVE_EXTRAS.intersection(extras):
+            body[key] = extras[key]
+        if "id_slot" in extras:
+            body["slot_id"] = extras["id_slot"]
+        return body
+
+    async def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
+        prompt, stops = await self.prompt(request)
+        body = self.payload(request, prompt, stops)
+        reader = _ResultReader(self.label, request.kind == "chat", _top_logprobs(request))
+        async with self.http.post("/completion", body) as resp:
+            if not request.stream:
+                data = await self.http.read_json(resp)
+                if isinstance(data, list) and len(data) == 1:
+                    data = data[0]
+                batch: list[Event] = []
+                reader.result(data, batch, final=True)
+                yield batch
+                return
+            lines = NDJSONDecoder()  # llama.cpp sends one-line events: split lines only
+            async for raw in self.http.iter_chunks(resp):
+                batch = reader.lines(lines.feed(raw))
+                if batch:
+                    yield batch
+                if reader.done:
+                    return
+            batch = reader.lines(lines.flush())
+            if batch:
+                yield batch
+        if not reader.done:
+            raise UpstreamError(
+                f"{self.label} ended the stream before the answer was complete",
+                backend=self.label,
+            )
+
+
+def _top_logprobs(request: InferenceRequest) -> int | None:
+    """How many alternatives per token the client wants, or None without logprobs."""
+    logprobs = request.params.get("logprobs")
+    if request.kind == "chat":
+        return int(request.params.get("top_logprobs") or 0) if logprobs else None
+    return int(logprobs) if logprobs else None
+
+
+def _logit_bias(bias: Any) -> list[list[Any]]:
+    """OpenAI's `{"token id": bias}` as llama.cpp's `[[id, bias]]` (read by every build)."""
+    try:
+        return [[int(token), value] for token, value in dict(bias).items()]
+    except (TypeError, ValueError):
+        raise InvalidRequest(
+            "logit_bias keys must be token ids (integers as strings).", param="logit_bias"
+        ) from None
+
+
+def _json_schema(fmt: Any) -> dict[str, Any]:
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return fmt.get("schema") or {"type": "object"}  # OpenAI: any JSON object
+    if kind == "json_schema":
+        spec = fmt.get("json_schema") or {}
+        return spec.get("schema") or {}
+    raise InvalidRequest(
+        f"response_format type {kind!r} is not supported by llama.cpp.", param="response_format"
+    )
