@@ -461,21 +461,33 @@ def test_fake_writes_go_style_json(fake):
 
 
 # -- the openai SDK through inferbridge -----------------------------------------------------
+def _models(fake: FakeOllama) -> dict[str, Any]:
+    return {
+        "models": [
+            {
+                "name": "llama",
+                "backend": "ollama",
+                "url": fake.url,
+                "upstream_model": "llama3.2",
+                "num_ctx": 8192,
+                "keep_alive": "10m",
+            },
+            {"name": "missing", "backend": "ollama", "url": fake.url, "upstream_model": "nope"},
+        ]
+    }
+
+
 @pytest.fixture(scope="module")
 def server(fake) -> Iterator[InferbridgeServer]:
-    models = [
-        {
-            "name": "llama",
-            "backend": "ollama",
-            "url": fake.url,
-            "upstream_model": "llama3.2",
-            "num_ctx": 8192,
-            "keep_alive": "10m",
-        },
-        {"name": "missing", "backend": "ollama", "url": fake.url, "upstream_model": "nope"},
-    ]
-    with InferbridgeServer({"models": models}) as srv:
+    with InferbridgeServer(_models(fake)) as srv:
         yield srv
+
+
+@pytest.fixture
+def fresh(fake, serve) -> InferbridgeServer:
+    """A server of its own, for tests that make the deployment fail (the router remembers
+    failures and cools a deployment down; that must not leak into other tests)."""
+    return serve(_models(fake))
 
 
 def _sent(fake: FakeOllama) -> dict[str, Any]:
@@ -684,9 +696,9 @@ def test_sdk_n_is_fanned_out(server, fake):
     assert len(fake.requests) == 2
 
 
-def test_sdk_unknown_upstream_model_is_not_found(server):
+def test_sdk_unknown_upstream_model_is_not_found(fresh):
     with pytest.raises(openai.NotFoundError) as exc:
-        server.openai().chat.completions.create(model="missing", messages=USER)
+        fresh.openai().chat.completions.create(model="missing", messages=USER)
     assert 'model "nope" not found' in exc.value.message
     assert exc.value.code == "model_not_found"
 
@@ -699,19 +711,19 @@ def test_sdk_unknown_upstream_model_is_not_found(server):
         (500, openai.InternalServerError),
     ],
 )
-def test_sdk_upstream_http_errors(server, fake, status, error):
+def test_sdk_upstream_http_errors(fresh, fake, status, error):
     fake.behaviour.status = status
     fake.behaviour.error_body = {"error": f"ollama says {status}"}
     with pytest.raises(error) as exc:
-        server.openai().chat.completions.create(model="llama", messages=USER)
+        fresh.openai().chat.completions.create(model="llama", messages=USER)
     assert exc.value.status_code == {400: 400, 503: 503, 500: 502}[status]
     assert f"ollama says {status}" in exc.value.message
 
 
-def test_sdk_mid_stream_error_line(server, fake):
+def test_sdk_mid_stream_error_line(fresh, fake):
     fake.behaviour.extra = {"reply": "a b c d", "error_after": 2, "error_message": "CUDA OOM"}
     fake.behaviour.delay_between_chunks = 0.05
-    stream = server.openai().chat.completions.create(model="llama", messages=USER, stream=True)
+    stream = fresh.openai().chat.completions.create(model="llama", messages=USER, stream=True)
     got = []
     with pytest.raises(openai.APIError, match="CUDA OOM"):
         for chunk in stream:
@@ -719,23 +731,30 @@ def test_sdk_mid_stream_error_line(server, fake):
     assert "".join(got) == "a b"
 
 
-def test_sdk_error_line_before_any_text_is_http_error(server, fake):
+def test_sdk_error_line_before_any_text_is_http_error(fresh, fake):
     fake.behaviour.extra = {"error_after": 0, "error_message": "model crashed"}
     with pytest.raises(openai.InternalServerError, match="model crashed"):
-        list(server.openai().chat.completions.create(model="llama", messages=USER, stream=True))
+        list(fresh.openai().chat.completions.create(model="llama", messages=USER, stream=True))
 
 
 @pytest.mark.parametrize("kind", ["chat", "completion"])
-def test_sdk_dropped_connection_raises(server, fake, kind):
+def test_sdk_dropped_connection_raises(fresh, fake, kind):
     fake.behaviour.extra = {"reply": "a b c d e f"}
     fake.behaviour.drop_after_chunks = 2
     fake.behaviour.delay_between_chunks = 0.02
-    client = server.openai()
+    client = fresh.openai()
     with pytest.raises(openai.APIError, match=r"closed the connection|before the answer"):
         if kind == "chat":
             list(client.chat.completions.create(model="llama", messages=USER, stream=True))
         else:
             list(client.completions.create(model="llama", prompt="p", stream=True))
+
+
+def test_sdk_stream_ending_without_done_line_raises(fresh, fake):
+    fake.behaviour.extra = {"no_done": True}
+    stream = fresh.openai().chat.completions.create(model="llama", messages=USER, stream=True)
+    with pytest.raises(openai.APIError, match="before the answer was complete"):
+        list(stream)
 
 
 @pytest.mark.parametrize("kind", ["chat", "completion"])
@@ -756,6 +775,21 @@ def test_sdk_stream_split_at_awkward_bytes(server, fake, kind):
         chunks = list(client.completions.create(model="llama", prompt="p", stream=True))
         text = "".join(c.choices[0].text for c in chunks)
     assert text == reply
+
+
+async def test_adapter_yields_text_received_before_an_error_line(fake):
+    fake.behaviour.extra = {"reply": "a b c", "error_after": 2, "error_message": "boom"}
+    b = backend(url=fake.url, upstream_model="llama3.2")
+    await b.start()
+    got: list[str] = []
+    try:
+        request = build_request("chat", {"model": "m", "messages": USER, "stream": True})
+        with pytest.raises(UpstreamError, match="boom"):
+            async for batch in b.stream(b.prepare(request)):
+                got.extend(e.text for e in batch if isinstance(e, TextDelta))
+    finally:
+        await b.close()
+    assert "".join(got) == "a b"
 
 
 # -- readiness ------------------------------------------------------------------------------

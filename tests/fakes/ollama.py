@@ -14,6 +14,7 @@ how it fails are set through `behaviour.extra`:
     tool_calls: list        [{"name", "arguments": {...}, "id"?}] sent as one line
     done_reason: str | None override ("" and None: field left out)
     no_counts: bool         leave prompt_eval_count / eval_count out (omitempty zero)
+    no_done: bool           end the stream cleanly without its `done: true` line
     error_after: int        after this many token lines, write `{"error": ...}` and stop
     error_message: str
 `behaviour.status` != 200 answers every generation request with that status and
@@ -282,7 +283,8 @@ class FakeOllama(FakeServer):
             if reason:
                 final["done_reason"] = reason
         final.update(metrics)
-        out.append(go_json(final) + b"\n")
+        if not extra.get("no_done"):
+            out.append(go_json(final) + b"\n")
         return out
 
     @staticmethod
