@@ -179,20 +179,14 @@ def ollama_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             converted = []
             for k, call in enumerate(calls):
                 fn = call.get("function") or {}
-                name = fn.get("name") or ""
-                entry: dict[str, Any] = {
-                    "function": {
-                        "index": k,
-                        "name": name,
-                        "arguments": _arguments(
-                            fn.get("arguments"), f"{where}.tool_calls[{k}].function.arguments"
-                        ),
-                    }
-                }
+                args = _arguments(
+                    fn.get("arguments"), f"{where}.tool_calls[{k}].function.arguments"
+                )
+                wire = {"function": {"index": k, "name": fn.get("name") or "", "arguments": args}}
                 if call.get("id"):
-                    entry["id"] = call["id"]
-                    call_names[call["id"]] = name
-                converted.append(entry)
+                    wire["id"] = call["id"]
+                    call_names[call["id"]] = wire["function"]["name"]
+                converted.append(wire)
             if converted:
                 msg["tool_calls"] = converted
             reasoning = message.get("reasoning_content")
@@ -278,15 +272,11 @@ class ResponseReader:
         for call in source.get("tool_calls") or ():
             fn = call.get("function") or {}
             args = fn.get("arguments")
+            if not isinstance(args, str):
+                args = orjson.dumps(args if args is not None else {}).decode()
+            call_id = call.get("id") or f"call_{uuid.uuid4().hex[:24]}"
             out.append(
-                ToolCallDelta(
-                    self.calls,
-                    id=call.get("id") or f"call_{uuid.uuid4().hex[:24]}",
-                    name=fn.get("name") or "",
-                    arguments=args
-                    if isinstance(args, str)
-                    else orjson.dumps(args if args is not None else {}).decode(),
-                )
+                ToolCallDelta(self.calls, id=call_id, name=fn.get("name") or "", arguments=args)
             )
             self.calls += 1
         if obj.get("done") or last:
