@@ -8,6 +8,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import ollama
 import openai
 import pytest
@@ -452,12 +453,16 @@ def test_official_client_tool_calls(fake):
 
 def test_fake_writes_go_style_json(fake):
     fake.behaviour.extra = {"reply": "a<b>"}
-    client = ollama.Client(host=fake.url)
-    raw = client._client.post(
-        "/api/chat", json={"model": "llama3.2", "messages": USER, "stream": False}
-    ).content
+    body = {"model": "llama3.2", "messages": USER, "stream": False}
+    resp = httpx.post(fake.url + "/api/chat", json=body)
+    assert resp.headers["content-type"] == "application/json; charset=utf-8"
+    raw = resp.content
     assert b'"content":"a\\u003cb\\u003e"' in raw
     assert raw.index(b'"done_reason"') < raw.index(b'"done":true')
+    resp = httpx.post(fake.url + "/api/generate", json={**body, "prompt": "x", "stream": True})
+    assert resp.headers["content-type"] == "application/x-ndjson"
+    last = resp.content.splitlines()[-1]
+    assert last.index(b'"done":true') < last.index(b'"done_reason":"stop"')
 
 
 # -- the openai SDK through inferbridge -----------------------------------------------------
