@@ -67,6 +67,10 @@ def error_code(body: bytes) -> str | None:
     return code if isinstance(code, str) else None
 
 
+# Upstream refusals relayed with their status: the client's request is at fault.
+RELAYED_STATUSES = frozenset({400, 404, 409, 413, 422})
+
+
 def status_error(
     label: str, status: int, body: bytes, headers: Any = None
 ) -> UpstreamError:
@@ -85,7 +89,7 @@ def status_error(
         )
         err.type, err.code, err.retryable = "rate_limit_error", "rate_limit_exceeded", True
         return err
-    if 400 <= status < 500 and status != 408:
+    if status in RELAYED_STATUSES:
         return UpstreamRejected(
             f"{message} (from {label})",
             status=400 if status == 422 else status,

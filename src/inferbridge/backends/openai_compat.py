@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from inferbridge.backends.base import OPENAI_PARAMS, Backend
-from inferbridge.backends.http import HttpUpstream, error_message
+from inferbridge.backends.http import HttpUpstream, error_message, status_error
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import SSEDecoder
 from inferbridge.errors import UpstreamError
@@ -234,9 +234,18 @@ class OpenAICompatBackend(Backend):
         return chunk_events(chunk, chat)
 
     def _raise_if_error(self, data: Any) -> None:
-        if isinstance(data, dict) and (data.get("error") or data.get("object") == "error"):
-            message = error_message(orjson.dumps(data))
-            raise UpstreamError(f"{self.label} reported an error: {message}", backend=self.label)
+        """An error object in a response or stream event: raise it with its real status when
+        it carries one (vLLM's `code: 400`, TGI's `http_status_code: 422`)."""
+        if not isinstance(data, dict) or not (data.get("error") or data.get("object") == "error"):
+            return
+        err = data.get("error")
+        info = err if isinstance(err, dict) else data
+        status = info.get("http_status_code") or info.get("code")
+        body = orjson.dumps(data)
+        if isinstance(status, int) and 400 <= status < 600:
+            raise status_error(self.label, status, body)
+        message = error_message(body)
+        raise UpstreamError(f"{self.label} reported an error: {message}", backend=self.label)
 
 
 class OpenAIBackend(OpenAICompatBackend):
