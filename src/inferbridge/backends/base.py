@@ -66,7 +66,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (0, 0.0),
     "logit_bias": ({},),
     "tools": ([],),
-    "tool_choice": ("none", "auto"),
+    "tool_choice": ("auto",),  # "none" is neutral only without tools (see prepare)
     "response_format": ({"type": "text"},),
     "top_logprobs": (0,),
     "stop": ([],),
@@ -153,7 +153,9 @@ class Backend:
             if key in supported or key in IGNORABLE_PARAMS:
                 continue
             value = request.params[key]
-            if value in _NEUTRAL.get(key, ()):
+            if value in _NEUTRAL.get(key, ()) or (
+                key == "tool_choice" and value == "none" and not request.params.get("tools")
+            ):
                 del request.params[key]
                 continue
             self._unsupported(request, key, "params")

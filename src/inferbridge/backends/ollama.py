@@ -32,7 +32,7 @@ from inferbridge.backends.base import Backend
 from inferbridge.backends.http import HttpUpstream, status_error
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import NDJSONDecoder
-from inferbridge.errors import InvalidRequest, UpstreamError, UpstreamRejected
+from inferbridge.errors import InvalidRequest, UnsupportedParameter, UpstreamError, UpstreamRejected
 from inferbridge.events import (
     Event,
     Finish,
@@ -301,7 +301,7 @@ def _error_mapper(label: str, status: int, body: bytes, headers: Any) -> Upstrea
 # -- the adapter ----------------------------------------------------------------------------
 class OllamaBackend(Backend):
     Settings = OllamaSettings
-    supported_params = frozenset({*_PARAM_OPTIONS, "response_format", "tools"})
+    supported_params = frozenset({*_PARAM_OPTIONS, "response_format", "tools", "tool_choice"})
     supported_extras = frozenset({*_EXTRA_OPTIONS, "keep_alive", "options", "think"})
 
     def __init__(self, config: DeploymentConfig) -> None:
@@ -353,8 +353,13 @@ class OllamaBackend(Backend):
             path = "/api/chat"
             body["messages"] = ollama_messages(request.messages or [])
             tools = params.get("tools")
-            # tool_choice "none" (accepted as neutral by prepare) means: offer no tools.
-            if tools and request.body.get("tool_choice") != "none":
+            choice = params.get("tool_choice", "auto")
+            if choice not in ("auto", "none"):
+                # Ollama always decides by itself: it cannot be made to call a tool.
+                if not self.drop_unsupported:
+                    raise UnsupportedParameter("tool_choice", request.model, "ollama")
+                choice = "auto"
+            if tools and choice != "none":  # "none": offer no tools at all
                 body["tools"] = ollama_tools(tools)
         else:
             path = "/api/generate"
