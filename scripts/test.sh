@@ -11,4 +11,17 @@ python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[test]'
 
 ruff check src tests bench
+
+# The TGI fake checked with the official `text-generation` client. That client needs
+# huggingface-hub < 1.0 while gradio_client needs >= 1.16, so it gets its own small venv.
+python3 -m venv .venv-tgi-client
+.venv-tgi-client/bin/python -m pip install -q text-generation aiohttp
+PYTHONPATH=. .venv-tgi-client/bin/python tests/clients/tgi_client_check.py
+
+# A real llama.cpp server for tests/test_llamacpp_real.py, built once and cached outside
+# the checkout; the test skips (saying why) when it could not be built.
+if [ -x scripts/build-llama-server.sh ]; then
+    scripts/build-llama-server.sh || echo "llama-server not built: its real-server test will skip"
+fi
+
 pytest "$@"
