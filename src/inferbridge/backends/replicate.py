@@ -1,33 +1,22 @@
 """Replicate: one prediction per request, streamed from its SSE URL or polled to the end.
 
-Flow (see docs/backends/replicate.md and the protocol page):
+Create with `POST {url}/models/{owner}/{name}/predictions` (`model:`), `/deployments/...`
+(`deployment:`) or `/predictions` + `version` (`version:`). Streaming requests send
+`"stream": true` and read `urls.stream`: `output` events are plain text (SSEDecoder strips
+exactly one space after `data:`, so a token's own leading space survives), then `done` or
+`error`; the prediction is fetched once afterwards for its `metrics`. Other requests (and
+models without `urls.stream`) send `Prefer: wait` and poll `urls.get` until terminal.
 
-1. `POST {url}/models/{owner}/{name}/predictions` (`model:`), `POST {url}/deployments/...`
-   (`deployment:`) or `POST {url}/predictions` with `version` (`version:`), body
-   `{"input": {...}, "stream": true}` for streaming requests; non-streaming ones send
-   `Prefer: wait` so a short prediction comes back finished from the create call.
-2. Streaming: `GET urls.stream` (SSE). `output` events carry plain text (exactly one space
-   after `data:` is stripped, so a token's own leading space survives; multi-line tokens come
-   as several `data:` lines joined by newlines), then `done` (`{}`, or `{"reason": "canceled"
-   | "error"}`), or `error`. After `done` the prediction is fetched once for its `metrics`.
-3. Otherwise (non-streaming, or a model without `urls.stream`): poll `GET urls.get` every
-   `poll_interval` seconds until the status is terminal, relaying new output as it appears.
+Inputs are model-specific: `input_map` renames OpenAI parameters over `DEFAULT_INPUT_MAP`
+(null = unsupported), `input:` adds static inputs. Chats are rendered with the entry's chat
+template; without one, a single-turn chat goes out as `prompt` + `system_prompt`; with
+`messages_input: true` the messages are sent as they are. Stop strings are sent comma-joined
+and always enforced here too. Finish: "stop" on a stop string, "length" when the output
+reached `max_tokens` (metrics, else output item count), else "stop"; usage from metrics.
 
-Inputs are model-specific, so the entry maps names: `input_map` (OpenAI name -> input field,
-null to mark one unsupported) over `DEFAULT_INPUT_MAP` (Replicate's official Llama-3 names),
-plus static `input:` values. A chat is rendered with the entry's chat template into `prompt`;
-with no template, a single-turn chat goes out as `prompt` + `system_prompt` for the model's
-own server-side template; `messages_input: true` sends the messages as they are.
-
-Stop strings are always enforced here (StopCutter) and also sent upstream, comma-joined. The
-finish reason is "stop" when a stop string cut the text, "length" when the output reached
-`max_tokens` (Replicate's `metrics.output_token_count`, else the number of output items),
-else "stop". Usage comes from `metrics.input_token_count` / `output_token_count` when the
-model reports them (otherwise the OpenAI layer estimates it).
-
-A prediction that is not finished when the request ends early (client disconnect, a stop
-string cut, a broken stream) is cancelled with `POST .../cancel`, shielded from the request's
-own cancellation and bounded by `cancel_timeout`, so nothing keeps running and billing.
+A prediction still running when the request ends early (disconnect, stop string, broken
+stream) is cancelled, shielded from the request's own cancellation and bounded in time.
+See docs/backends/replicate.md.
 """
 
 from __future__ import annotations
