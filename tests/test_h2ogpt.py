@@ -46,6 +46,7 @@ def srv(fake: FakeH2OGPT) -> Iterator[InferbridgeServer]:
         },
         {**entry, "name": "h2o-badkey", "api_key": "wrong-key"},
         {"backend": "h2ogpt", "url": fake.url, "name": "h2o-nologin", "api_key": "good-key"},
+        {**entry, "name": "h2o-quick", "api_key": "good-key", "timeout": 0.5},
     ]
     # no retries or cooldowns: each test sees exactly one upstream attempt
     router = {"retries": 0, "allowed_fails": 1000}
@@ -274,6 +275,17 @@ def test_missing_login_is_a_502(srv: InferbridgeServer) -> None:
     with pytest.raises(openai.InternalServerError) as err:
         srv.openai().chat.completions.create(model="h2o-nologin", messages=MSG)
     assert "requires a login" in str(err.value) and "h2o-nologin" in str(err.value)
+
+
+def test_job_past_the_timeout_is_a_504_and_cancelled(
+    srv: InferbridgeServer, fake: FakeH2OGPT
+) -> None:
+    with pytest.raises(openai.APIStatusError) as err:  # stop: streamed upstream, not here
+        srv.openai().chat.completions.create(
+            model="h2o-quick", messages=[{"role": "user", "content": "slow timeout"}], stop=["!"]
+        )
+    assert err.value.status_code == 504
+    assert wait_for(lambda: "slow timeout" in fake.cancelled)
 
 
 def test_server_side_cancel_is_an_error_not_an_empty_answer(

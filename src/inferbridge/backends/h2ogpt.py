@@ -233,7 +233,8 @@ class H2OGPTBackend(Backend):
         # gradio_client sends telemetry unless this is off, even with analytics_enabled=False.
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         cfg = self.settings
-        timeout = httpx.Timeout(cfg.timeout, connect=cfg.connect_timeout)
+        # Reads include the job's event stream: Gradio heartbeats it every 15 s or so.
+        timeout = httpx.Timeout(max(cfg.timeout, 60.0), connect=cfg.connect_timeout)
         # gradio_client opens a new httpx client per call: skip loading CA certificates
         # (~60 ms of CPU each) where there is no TLS to verify.
         wanted = dict(auth=login or self._entry_auth, verbose=False, download_files=False,
@@ -307,15 +308,10 @@ class H2OGPTBackend(Backend):
     def payload(self, request: InferenceRequest) -> dict[str, Any]:
         """The `/submit_nochat_api` kwargs: entry settings < client extras < derived fields."""
         cfg, params = self.settings, request.params
-        out: dict[str, Any] = {}
         visible = cfg.visible_models if cfg.visible_models is not None else cfg.upstream_model
-        for key, value in (
-            ("langchain_mode", cfg.langchain_mode),
-            ("visible_models", visible),
-            ("h2ogpt_key", cfg.api_key),
-        ):
-            if value is not None:
-                out[key] = value
+        entry = {"langchain_mode": cfg.langchain_mode, "visible_models": visible,
+                 "h2ogpt_key": cfg.api_key}  # fmt: skip
+        out: dict[str, Any] = {k: v for k, v in entry.items() if v is not None}
         if request.kind == "chat" and cfg.prompt_type:
             out["prompt_type"] = cfg.prompt_type
         if request.kind == "completion":  # the prompt is sent as it is: no template, no system
@@ -345,12 +341,13 @@ class H2OGPTBackend(Backend):
         login = self._login(request)
         client = await self._acquire(login)
         job: Any = None
+        api = self.settings.api_name
         reusable = False  # a client whose job ended on its own can serve again
         try:
             try:
-                job = await self._run(lambda: client.submit(repr(payload), api_name=self.api))
+                job = await self._run(lambda: client.submit(repr(payload), api_name=api))
             except Exception as exc:
-                message = f"{self.label}: cannot call {self.api}: {type(exc).__name__}: {exc}"
+                message = f"{self.label}: cannot call {api}: {type(exc).__name__}: {exc}"
                 raise UpstreamError(message, backend=self.label) from None
             deadline = time.monotonic() + self.settings.timeout
             cutter = StopCutter(request.stop)
@@ -359,7 +356,8 @@ class H2OGPTBackend(Backend):
                 poll: _Poll = await self._run(_poll, job, seen)
                 seen += len(poll.outputs)
                 if poll.done:
-                    reusable = poll.error is None or type(poll.error).__name__ == "AppError"
+                    error = type(poll.error).__name__
+                    reusable = poll.final is not None if poll.error is None else error == "AppError"
                 batch: list[Event] = []
                 for data in poll.outputs + ([poll.final] if poll.final is not None else []):
                     self._check(data, "h2ogpt_key" in request.extras)
@@ -384,10 +382,6 @@ class H2OGPTBackend(Backend):
             if job is not None and not job.done():
                 self._later(job.cancel)  # client gone, stop string, timeout or error
             self._release(login, client, reusable)
-
-    @property
-    def api(self) -> str:
-        return self.settings.api_name
 
     def _check(self, data: Any, key_from_client: bool) -> None:
         """Raise for an output that failed: h2oGPT reports errors inside a successful job."""
