@@ -71,9 +71,7 @@ def error_code(body: bytes) -> str | None:
 RELAYED_STATUSES = frozenset({400, 404, 409, 413, 422})
 
 
-def status_error(
-    label: str, status: int, body: bytes, headers: Any = None
-) -> UpstreamError:
+def status_error(label: str, status: int, body: bytes, headers: Any = None) -> UpstreamError:
     """Map an upstream HTTP error status to the error inferbridge returns."""
     message = error_message(body)
     retry_after = headers.get("Retry-After") if headers is not None else None
@@ -118,8 +116,41 @@ def transport_error(label: str, exc: BaseException) -> UpstreamError:
     return UpstreamError(f"{label} failed: {type(exc).__name__}: {exc}", backend=label)
 
 
+def load_json(label: str, data: bytes, what: str = "stream event") -> Any:
+    """Parse one JSON payload from a backend; garbage is the backend's protocol error."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(
+            f"{label} sent an invalid {what}: {data[:200]!r}", backend=label
+        ) from None
+
+
 class HttpUpstream:
     """A keep-alive connection pool to one upstream base URL."""
+
+    @classmethod
+    def for_deployment(
+        cls,
+        config: Any,
+        label: str,
+        *,
+        base_url: str | None = None,
+        headers: dict[str, str] | None = None,
+        error_mapper: Callable[[str, int, bytes, Any], UpstreamError] = status_error,
+    ) -> HttpUpstream:
+        """The pool for one config entry: its URL and timeouts, its `api_key` as a bearer
+        token (unless `headers` says otherwise) and its extra `headers:`."""
+        if headers is None:
+            headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        return cls(
+            base_url or config.url,
+            label=label,
+            timeout=config.timeout,
+            connect_timeout=config.connect_timeout,
+            headers={**headers, **config.headers},
+            error_mapper=error_mapper,
+        )
 
     def __init__(
         self,
@@ -206,9 +237,4 @@ class HttpUpstream:
             body = await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise transport_error(self.label, exc) from exc
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                f"{self.label} answered with invalid JSON: {body[:200]!r}", backend=self.label
-            ) from None
+        return load_json(self.label, body, "JSON answer")

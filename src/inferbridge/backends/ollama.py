@@ -29,7 +29,7 @@ import orjson
 from pydantic import Field, field_validator
 
 from inferbridge.backends.base import Backend
-from inferbridge.backends.http import HttpUpstream, status_error
+from inferbridge.backends.http import HttpUpstream, load_json, status_error
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import NDJSONDecoder
 from inferbridge.errors import InvalidRequest, UnsupportedParameter, UpstreamError, UpstreamRejected
@@ -245,12 +245,7 @@ class ResponseReader:
         self.done = False
 
     def parse(self, line: bytes) -> Any:
-        try:
-            return orjson.loads(line)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                f"{self.label} sent an invalid stream line: {line[:200]!r}", backend=self.label
-            ) from None
+        return load_json(self.label, line, "stream line")
 
     def events(self, obj: Any, *, last: bool = False) -> list[Event]:
         if not isinstance(obj, dict):
@@ -308,14 +303,7 @@ class OllamaBackend(Backend):
         super().__init__(config)
         assert isinstance(config, OllamaSettings)
         self.settings = config
-        self.http = HttpUpstream(
-            config.url,
-            label=self.label,
-            timeout=config.timeout,
-            connect_timeout=config.connect_timeout,
-            headers=config.headers,
-            error_mapper=_error_mapper,
-        )
+        self.http = HttpUpstream.for_deployment(config, self.label, error_mapper=_error_mapper)
 
     async def start(self) -> None:
         await self.http.start()

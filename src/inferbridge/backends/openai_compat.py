@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from inferbridge.backends.base import OPENAI_PARAMS, Backend
-from inferbridge.backends.http import HttpUpstream, error_message, status_error
+from inferbridge.backends.http import HttpUpstream, error_message, load_json, status_error
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import SSEDecoder
 from inferbridge.errors import UpstreamError
@@ -136,12 +136,8 @@ class OpenAICompatBackend(Backend):
 
     def __init__(self, config: DeploymentConfig) -> None:
         super().__init__(config)
-        self.http = HttpUpstream(
-            self.base_url(),
-            label=self.label,
-            timeout=config.timeout,
-            connect_timeout=config.connect_timeout,
-            headers={**self.upstream_headers(), **config.headers},
+        self.http = HttpUpstream.for_deployment(
+            config, self.label, base_url=self.base_url(), headers=self.upstream_headers()
         )
 
     # -- what subclasses for OpenAI-shaped services override --------------------------------
@@ -224,12 +220,7 @@ class OpenAICompatBackend(Backend):
                 )
 
     def _chunk(self, data: bytes, chat: bool) -> list[Event]:
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                f"{self.label} sent an invalid stream event: {data[:200]!r}", backend=self.label
-            ) from None
+        chunk = load_json(self.label, data)
         self._raise_if_error(chunk)
         return chunk_events(chunk, chat)
 

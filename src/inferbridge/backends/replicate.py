@@ -184,14 +184,7 @@ class ReplicateBackend(Backend):
         self.supported_params = frozenset((mapped & TRANSLATED_PARAMS) | {"stop"})  # type: ignore[misc]
         self.supported_extras = frozenset(mapped - TRANSLATED_PARAMS - STRUCTURAL)  # type: ignore[misc]
         self.prompts = PromptBuilder(config, strip_bos=config.strip_bos)
-        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        self.http = HttpUpstream(
-            config.url,
-            label=self.label,
-            timeout=config.timeout,
-            connect_timeout=config.connect_timeout,
-            headers={**headers, **config.headers},
-        )
+        self.http = HttpUpstream.for_deployment(config, self.label)
         self._cancels: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:

@@ -32,7 +32,7 @@ import aiohttp
 import orjson
 
 from inferbridge.backends.base import Backend
-from inferbridge.backends.http import HttpUpstream, error_message, status_error
+from inferbridge.backends.http import HttpUpstream, error_message, load_json, status_error
 from inferbridge.backends.prompting import PromptBuilder, PromptSettings
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import SSEDecoder
@@ -326,15 +326,7 @@ class TGIBackend(Backend):
         super().__init__(config)
         assert isinstance(config, TGISettings)
         self.prompts = PromptBuilder(config, strip_bos=True)
-        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        self.http = HttpUpstream(
-            config.url,
-            label=self.label,
-            timeout=config.timeout,
-            connect_timeout=config.connect_timeout,
-            headers={**headers, **config.headers},
-            error_mapper=tgi_error,
-        )
+        self.http = HttpUpstream.for_deployment(config, self.label, error_mapper=tgi_error)
         self._info: TGIInfo | None = None
         self._info_retry_at = 0.0
         self._info_lock: asyncio.Lock | None = None
@@ -462,12 +454,7 @@ class TGIBackend(Backend):
 
     def _event(self, data: bytes, reply: _Reply, out: list[Event]) -> bool:
         """Handle one SSE event; True when the answer is complete."""
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                f"{self.label} sent an invalid stream event: {data[:200]!r}", backend=self.label
-            ) from None
+        event = load_json(self.label, data)
         if not isinstance(event, dict):
             raise UpstreamError(f"{self.label} sent an invalid stream event", backend=self.label)
         if event.get("error") is not None:
