@@ -253,6 +253,18 @@ def test_upstream_exception_is_a_502(srv: InferbridgeServer) -> None:
         assert "CUDA out of memory" in str(err.value)
 
 
+def test_job_failing_mid_stream_is_an_error_event(srv: InferbridgeServer) -> None:
+    stream = srv.openai().chat.completions.create(
+        model="h2o", messages=[{"role": "user", "content": "crash soon"}], stream=True
+    )
+    got = []
+    with pytest.raises(openai.APIError) as err:
+        for chunk in stream:
+            got.append(chunk)
+    assert "GPU fell off the bus" in str(err.value)
+    assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == "partial"
+
+
 def test_conversation_must_end_with_user(srv: InferbridgeServer) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         srv.openai().chat.completions.create(

@@ -17,6 +17,7 @@ Modes, chosen by the instruction's first word:
 - `slow ...`   a long answer, 3 characters per 50 ms (for disconnect / cancellation tests;
                without streaming, the whole answer after 1 s);
 - `fail ...`   h2oGPT's exception path: an `error`/`error_ex` output, then the job fails;
+- `crash ...`  two partial outputs, then the job fails (a Gradio error, no `error` output);
 - otherwise    `fake.reply` (default `"You said: <instruction>"`), `fake.step` characters
   per yield, `fake.delay` seconds between yields.
 """
@@ -136,6 +137,10 @@ class FakeH2OGPT:
                 }
             )
             raise gr.Error("CUDA out of memory")
+        if instruction.startswith("crash"):  # the job fails after some output
+            yield str(_blank(self._full(kwargs, "part")))
+            yield str(_blank(self._full(kwargs, "partial")))
+            raise gr.Error("GPU fell off the bus")
         answer, delay, step = self._answer(instruction)
         limit = kwargs.get("max_new_tokens")
         if isinstance(limit, int):  # one "token" per word

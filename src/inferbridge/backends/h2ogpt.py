@@ -360,7 +360,12 @@ class H2OGPTBackend(Backend):
                     reusable = poll.final is not None if poll.error is None else error == "AppError"
                 batch: list[Event] = []
                 for data in poll.outputs + ([poll.final] if poll.final is not None else []):
-                    self._check(data, "h2ogpt_key" in request.extras)
+                    try:
+                        self._check(data, "h2ogpt_key" in request.extras)
+                    except UpstreamError:
+                        if batch:  # the text before the error still reaches the client
+                            yield batch
+                        raise
                     response = str(data.get("response") or "")
                     piece, text, last = response[len(text) :], response, data  # cumulative
                     batch += [TextDelta(out)] if (out := cutter.feed(piece)) else []
@@ -369,6 +374,8 @@ class H2OGPTBackend(Backend):
                         return
                 if poll.done:
                     if poll.error is not None or poll.final is None:
+                        if batch:
+                            yield batch
                         self._job_failed(poll.error)
                     batch += [TextDelta(rest)] if (rest := cutter.flush()) else []
                     yield batch + self._ending(last, payload)
