@@ -18,8 +18,8 @@ import openai
 import pytest
 from gradio_client import Client
 
-from inferbridge.backends.h2ogpt import chat_fields, parse_output
-from inferbridge.errors import InvalidRequest
+from inferbridge.backends.h2ogpt import H2OGPTBackend, H2OGPTSettings, chat_fields, parse_output
+from inferbridge.errors import InvalidRequest, UpstreamError, UpstreamUnavailable
 from tests.fakes.h2ogpt_app import INVALID_KEY_MSG, FakeH2OGPT
 from tests.server import InferbridgeServer
 
@@ -442,3 +442,15 @@ def test_parse_output_is_a_literal_parser_not_eval() -> None:
         parse_output("__import__('os').getcwd()")
     with pytest.raises(ValueError):
         parse_output("['not', 'a', 'dict']")
+
+
+def test_gradio_queue_full_is_a_503_and_app_errors_keep_the_message() -> None:
+    from gradio_client.exceptions import AppError
+    from gradio_client.utils import QueueError
+
+    backend = H2OGPTBackend(H2OGPTSettings(name="m", backend="h2ogpt", url="http://h:7860"))
+    with pytest.raises(UpstreamUnavailable) as busy:
+        backend._job_failed(QueueError("Queue is full! Please try again."))
+    assert busy.value.status == 503 and "h2ogpt" in busy.value.message
+    with pytest.raises(UpstreamError, match=r"model m at http://h:7860.*boom"):
+        backend._job_failed(AppError("boom"))

@@ -39,7 +39,13 @@ from pydantic import Field, field_validator
 
 from inferbridge.backends.base import Backend
 from inferbridge.config import DeploymentConfig
-from inferbridge.errors import InvalidRequest, UpstreamError, UpstreamRejected, UpstreamTimeout
+from inferbridge.errors import (
+    InvalidRequest,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from inferbridge.events import Event, Finish, TextDelta, Usage
 from inferbridge.request import InferenceRequest, message_text
 from inferbridge.stops import StopCutter
@@ -412,6 +418,8 @@ class H2OGPTBackend(Backend):
         label = self.label
         if type(error).__name__ == "AppError":
             raise UpstreamError(f"{label} reported an error: {error}", backend=label)
+        if type(error).__name__ == "QueueError":  # Gradio's queue is full (HTTP 503)
+            raise UpstreamUnavailable(f"{label} is busy: {error}", backend=label)
         self._drain()  # the server may have restarted: reconnect next time
         if error is None or isinstance(error, KeyError | concurrent.futures.CancelledError):
             message = (f"{label} ended the job without an answer (cancelled on the server, "
