@@ -19,9 +19,9 @@ import openai
 import pytest
 
 from inferbridge.backends import registry
-from inferbridge.backends.sagemaker import aws_error
+from inferbridge.backends.sagemaker import aws_error, container_error
 from inferbridge.config import ConfigError, load_config
-from inferbridge.errors import UpstreamTimeout
+from inferbridge.errors import UpstreamError, UpstreamTimeout
 from inferbridge.request import InferenceRequest
 from tests.fakes.sagemaker import FakeSageMaker, payload_part
 from tests.server import InferbridgeServer
@@ -219,6 +219,36 @@ def test_streams_that_complete_give_their_connection_back(client, fake):
     assert len(set(fake.peers)) == 1  # one pooled connection, not a TLS handshake per stream
 
 
+def test_text_split_inside_utf8_characters(client, fake):
+    fake.tokens = [" héllo", " wörld", " 🙂"]
+    fake.part_size = 3  # PayloadParts end inside multi-byte characters
+    chunks = list(client.completions.create(model="llama", prompt="x", stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == " héllo wörld 🙂"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_without_details_usage_is_estimated(client, fake, stream):
+    fake.details = False
+    raw = client.completions.with_raw_response.create(
+        model="llama",
+        prompt="Once upon",
+        stream=stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
+    )
+    if stream:
+        chunks = list(raw.parse())
+        usage, reason = chunks[-1].usage, chunks[-2].choices[0].finish_reason
+    else:
+        r = raw.parse()
+        usage, reason = r.usage, r.choices[0].finish_reason
+        assert raw.headers["x-inferbridge-usage-estimated"] == "true"
+    assert reason == "stop"
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        3,
+        6,
+    )  # len(" Hello there, friend.") / 4
+
+
 def test_completions_length_stream_and_not(client, fake):
     r = client.completions.create(model="llama", prompt="Once", max_tokens=2)
     assert r.choices[0].text == " Hello there" and r.choices[0].finish_reason == "length"
@@ -338,6 +368,24 @@ def test_aws_errors_are_mapped(fresh, fake, status, code, error, expected, strea
     assert info.value.status_code == expected and "aws says no" in info.value.message
 
 
+def test_transport_and_container_errors_map_to_statuses():
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError, ReadTimeoutError
+
+    assert aws_error("sm", ReadTimeoutError(endpoint_url="http://x")).status == 504
+    unreachable = aws_error("sm", EndpointConnectionError(endpoint_url="http://x"))
+    assert unreachable.status == 502 and "unreachable" in unreachable.message
+    assert "credentials" in aws_error("sm", NoCredentialsError()).message
+    tgi_event = {"error": "Input validation error: `top_k`", "error_type": "validation"}
+    assert container_error("sm", tgi_event).status == 400
+    assert (
+        container_error("sm", {"error": "Model is overloaded", "error_type": "overloaded"}).status
+        == 429
+    )
+    chat_event = {"error": {"message": "bad tools", "http_status_code": 422}}
+    assert container_error("sm", chat_event).status == 400
+    assert container_error("sm", {"error": "CUDA", "error_type": "generation"}).status == 502
+
+
 def test_stream_exception_event_mid_stream_raises_in_the_sdk(fresh, fake):
     fake.stream_error = ("ModelStreamError", "model went away")
     fake.stream_error_after = 2
@@ -435,6 +483,25 @@ def test_messages_payload_completions(client, fake):
 
 
 # -- configuration and translation ------------------------------------------------------------
+def test_aws_profile_credentials_sign_the_requests(serve, fake, tmp_path, monkeypatch):
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        "[ib-test]\naws_access_key_id = AKIDPROFILE\naws_secret_access_key = s\n"
+    )
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    srv = serve({"models": [entry(fake, "p", aws_profile="ib-test")]})
+    srv.openai().completions.create(model="p", prompt="x")
+    assert "Credential=AKIDPROFILE/" in fake.requests[-1].headers["Authorization"]
+
+
+async def test_a_missing_region_fails_at_start_up(fake):
+    config = load_config(data={"models": [entry(fake, "m", region=None)]}).models[0]
+    backend = registry.create(config)
+    with pytest.raises(UpstreamError, match=r"cannot create the SageMaker client.*region"):
+        await backend.start()
+    await backend.close()
+
+
 def test_settings_validation():
     with pytest.raises(ConfigError, match="api_key is not used"):
         load_config(data={"models": [{"name": "m", "backend": "sagemaker", "api_key": "k"}]})

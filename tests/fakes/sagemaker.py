@@ -133,6 +133,7 @@ class FakeSageMaker(FakeServer):
         self.tokens = [" Hello", " there", ",", " friend", "."]
         self.eos = "</s>"
         self.input_length = 7
+        self.details = True  # False: a container that ignores `details` (no counts, no reason)
         self.part_size: int | None = None  # re-cut the container's stream into parts this big
         self.stream_error: tuple[str, str] | None = None  # (exception type, message)
         self.stream_error_after = 1  # ...sent after this many PayloadParts
@@ -243,7 +244,7 @@ class FakeSageMaker(FakeServer):
             if params.get("return_full_text"):
                 text = body["inputs"] + text
             out: dict[str, Any] = {"generated_text": text}
-            if params.get("details"):
+            if params.get("details") and self.details:
                 out["details"] = {
                     "finish_reason": reason,
                     "generated_tokens": len(tokens),
@@ -310,7 +311,7 @@ class FakeSageMaker(FakeServer):
                 "generated_text": text if last else None,
                 "details": None,
             }
-            if last and params.get("details"):
+            if last and params.get("details") and self.details:
                 event["details"] = {
                     "finish_reason": reason,
                     "generated_tokens": len(tokens),
