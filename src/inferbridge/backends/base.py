@@ -132,6 +132,12 @@ class Backend:
     async def close(self) -> None:
         """Release what `start` opened; called once at shutdown."""
 
+    # Optional hooks, looked up with getattr by the router's health checks and /v1/models:
+    #   async def health(self) -> None        raise an UpstreamError when the backend is not
+    #                                         ready (TGI /health, llama.cpp /health, Ollama
+    #                                         /api/tags, ...)
+    #   async def list_models(self) -> list[str]
+
     def stream(self, request: InferenceRequest) -> AsyncIterator[Sequence[Event]]:
         """Run `request` upstream and yield batches of normalized events (see module doc)."""
         raise NotImplementedError
