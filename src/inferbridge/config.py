@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -48,6 +48,18 @@ class DeploymentConfig(BaseModel):
     )
     weight: float = Field(default=1.0, gt=0)
     owned_by: str = "inferbridge"
+    # -- reliability (docs/routing.md) --
+    ttft_timeout: float | None = Field(
+        default=None, gt=0, description="Seconds to the first token of a streamed answer."
+    )
+    stream_idle_timeout: float | None = Field(
+        default=None, gt=0, description="Seconds without a token before a stream is cut."
+    )
+    max_concurrent: int | None = Field(
+        default=None, ge=1, description="Requests in flight on this deployment at most."
+    )
+    max_queue: int = Field(default=0, ge=0, description="Requests waiting for a free slot.")
+    queue_timeout: float = Field(default=30.0, gt=0, description="Seconds one may wait.")
 
     @property
     def target_model(self) -> str:
@@ -70,6 +82,8 @@ class ServerConfig(BaseModel):
     drop_unsupported_params: bool = False
     log_prompts: bool = False
     """Log prompts and completions (off by default: they are private)."""
+    drain_timeout: float = Field(default=30.0, ge=0)
+    """On shutdown, seconds in-flight requests may take to finish before they are cut."""
     access_log: bool = True
     """One JSON line per request on stderr (ids, model, status, timings, token counts)."""
 
@@ -85,11 +99,45 @@ class AuthConfig(BaseModel):
         return [k for k in keys if k]
 
 
+Strategy = Literal["simple-shuffle", "least-busy", "latency-based"]
+
+
+class ModelRouting(BaseModel):
+    """`router.models.<name>`: settings of one model (all its deployments)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Strategy | None = None
+    retries: int | None = Field(default=None, ge=0)
+    fallbacks: list[str] = Field(default_factory=list)
+
+
+class RouterConfig(BaseModel):
+    """`router:`: how requests are spread, retried and failed over (docs/routing.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Strategy = "simple-shuffle"
+    retries: int = Field(default=2, ge=0)
+    retry_backoff: float = Field(default=0.1, ge=0)
+    retry_backoff_max: float = Field(default=2.0, ge=0)
+    retry_after_max: float = Field(default=10.0, ge=0)
+    allowed_fails: int = Field(default=3, ge=1)
+    fail_window: float = Field(default=60.0, gt=0)
+    cooldown: float = Field(default=30.0, ge=0)
+    latency_window: float = Field(default=120.0, gt=0)
+    health_check_interval: float | None = Field(default=None, gt=0)
+    health_check_timeout: float = Field(default=5.0, gt=0)
+    models: dict[str, ModelRouting] = Field(default_factory=dict)
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    model_aliases: dict[str, str] = Field(default_factory=dict)
     models: list[DeploymentConfig] = Field(default_factory=list)
 
     def model_names(self) -> list[str]:
@@ -212,8 +260,30 @@ def load_config(
         except ValidationError as exc:
             errors.extend(_format_errors(f"{label}: ", exc))
 
+    if base is not None and not errors:
+        errors.extend(_routing_errors(base, {d.name for d in deployments}))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     assert base is not None
     base.models = deployments
     return base
+
+
+def _routing_errors(config: Config, names: set[str]) -> list[str]:
+    """Aliases, fallbacks and `router.models` must name models that exist."""
+    errors = []
+    for alias, target in config.model_aliases.items():
+        if alias in names:
+            errors.append(f"model_aliases.{alias}: '{alias}' is already a model name")
+        elif target not in names:
+            errors.append(f"model_aliases.{alias}: unknown model '{target}'")
+    known = names | set(config.model_aliases)
+    for name, routing in config.router.models.items():
+        if name not in names:
+            errors.append(f"router.models.{name}: unknown model '{name}'")
+        errors.extend(
+            f"router.models.{name}.fallbacks: unknown model '{other}'"
+            for other in routing.fallbacks
+            if other not in known
+        )
+    return errors
