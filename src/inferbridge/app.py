@@ -62,7 +62,7 @@ def build_api(gateway: Gateway) -> FastAPI:
     started = int(time.time())
 
     def model_card(name: str) -> dict[str, Any]:
-        owner = gateway.router.models[name][0].config.owned_by
+        owner = gateway.router.deployments(name)[0].config.owned_by
         return {"id": name, "object": "model", "created": started, "owned_by": owner}
 
     def check_auth(request: Request) -> None:
@@ -99,6 +99,11 @@ def build_api(gateway: Gateway) -> FastAPI:
     async def health() -> Response:
         return _json({"status": "ok"})
 
+    @api.get("/health/readiness", tags=["health"], summary="Readiness: deployment states")
+    async def readiness() -> Response:
+        ready, report = gateway.readiness()
+        return _json(report, 200 if ready else 503)
+
     @api.get("/metrics", tags=["health"], summary="Prometheus metrics")
     async def metrics() -> Response:
         return Response(gateway.observability.exposition(),
@@ -108,12 +113,12 @@ def build_api(gateway: Gateway) -> FastAPI:
     async def list_models(request: Request) -> Response:
         check_auth(request)
         return _json({"object": "list",
-                      "data": [model_card(name) for name in gateway.router.models]})
+                      "data": [model_card(name) for name in gateway.router.public_names()]})
 
     @api.get("/v1/models/{model:path}", tags=["openai"], summary="Retrieve a model")
     async def get_model(model: str, request: Request) -> Response:
         check_auth(request)
-        if model not in gateway.router.models:
+        if model not in gateway.router.models and model not in gateway.router.aliases:
             raise ModelNotFound(model)
         return _json(model_card(model))
 

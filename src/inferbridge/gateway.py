@@ -1,27 +1,30 @@
 """The running service: backends built from the config, auth, and request dispatch.
 
 One `Gateway` exists per server process. It creates one adapter per config entry, opens
-their clients at start-up and closes them at shutdown, checks API keys, and turns a
-normalized request into a stream of event batches from the deployment the router picks
-(fanning out `n > 1` and prompt lists for backends that cannot do them natively).
+their clients at start-up (and the optional health checks) and closes them at shutdown once
+requests in progress have ended, checks API keys, and turns a normalized request into a
+stream of event batches: `routing.attempts.routed_stream`, which picks deployments through
+the `Router`, retries and falls back before the first token, and enforces the timeouts.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
-from typing import Any
 
 from inferbridge.backends import registry
-from inferbridge.backends.base import Backend
 from inferbridge.config import Config
 from inferbridge.errors import AuthenticationFailed
 from inferbridge.events import Event
-from inferbridge.fanout import fan_out
 from inferbridge.observability import Observability
 from inferbridge.request import InferenceRequest, RouteInfo
 from inferbridge.router import Router
+from inferbridge.routing.attempts import prompt_list, routed_stream
+from inferbridge.routing.drain import Drain
+from inferbridge.routing.health import HealthChecker
+
+log = logging.getLogger("inferbridge")
 
 
 class Gateway:
@@ -31,19 +34,39 @@ class Gateway:
         self.backends = [
             registry.create(entry, drop_unsupported_default=drop) for entry in config.models
         ]
-        self.router = Router(self.backends)
+        self.router = Router(self.backends, config.router, config.model_aliases)
         self._keys = [key.encode() for key in config.auth.api_keys]
         self.observability = Observability(
             log_prompts=config.server.log_prompts, access_log=config.server.access_log
+        )
+        self.drain = Drain()
+        interval = config.router.health_check_interval
+        self.health = (
+            HealthChecker(
+                self.router, interval=interval, timeout=config.router.health_check_timeout
+            )
+            if interval
+            else None
         )
 
     async def start(self) -> None:
         for backend in self.backends:
             await backend.start()
+        if self.health is not None:
+            self.health.start()
 
     async def close(self) -> None:
+        """Wait (up to `server.drain_timeout`) for requests in progress, then close clients."""
+        if not await self.drain.wait(self.config.server.drain_timeout):
+            log.warning("closing with %d request(s) still in progress", self.drain.active)
+        if self.health is not None:
+            await self.health.close()
         for backend in self.backends:
             await backend.close()
+
+    def readiness(self) -> tuple[bool, dict]:
+        """(ready, report) for `GET /health/readiness`: each deployment's state."""
+        return self.router.readiness()
 
     # -- auth -----------------------------------------------------------------------------
     @property
@@ -73,49 +96,14 @@ class Gateway:
     def open_stream(
         self, request: InferenceRequest, route: RouteInfo
     ) -> tuple[AsyncIterator[Sequence[Event]], int]:
-        """Pick a deployment and start the request; returns (event stream, choice count).
+        """Start routing `request`; returns (event stream, choice count).
 
-        Raises before returning for everything that can be known up front (unknown model,
-        unsupported parameters), so those become plain HTTP errors. `route` is filled in
-        with the deployment that serves the request.
+        An unknown model raises here (404). Everything else that can fail before the first
+        token (no deployment available, limits full, upstream errors after retries and
+        fallbacks, unsupported parameters) is raised by the stream's first step, before the
+        OpenAI layer sends any header. `route` is filled in as deployments are tried.
         """
-        backend = self.router.pick(request.model)
-        route.model = request.model
-        route.deployment = backend.label
-        route.backend = backend.config.backend
-        route.attempts += 1
-        n = request.n
-        if not backend.native_n and n > 1:
-            request.params.pop("n", None)
-            request.body.pop("n", None)
-        backend.prepare(request)
-        prompts = _prompt_list(request)
-        choices = n * (len(prompts) if prompts is not None else 1)
-        if backend.native_n or choices == 1:
-            if prompts is not None and len(prompts) == 1:
-                request.prompt = prompts[0]
-            return backend.stream(request), choices
-        return self._fan_out(backend, request, prompts or [request.prompt], n), choices
-
-    def _fan_out(
-        self, backend: Backend, request: InferenceRequest, prompts: list[Any], n: int
-    ) -> AsyncIterator[Sequence[Event]]:
-        streams = []
-        prompt_of = []
-        for p, prompt in enumerate(prompts):
-            for _ in range(n):
-                sub = replace(request, prompt=prompt, params=dict(request.params))
-                streams.append(backend.stream(sub))
-                prompt_of.append(p)
-        return fan_out(streams, prompt_of)
-
-
-def _prompt_list(request: InferenceRequest) -> list[Any] | None:
-    """A legacy completion's prompts when it carries several (list of strings or of token
-    lists); None for a single prompt."""
-    prompt = request.prompt
-    if request.kind != "completion" or not isinstance(prompt, list) or not prompt:
-        return None
-    if isinstance(prompt[0], int):
-        return None  # one prompt given as token ids
-    return prompt
+        group = self.router.resolve(request.model)
+        prompts = prompt_list(request)
+        choices = request.n * (len(prompts) if prompts is not None else 1)
+        return routed_stream(self.router, group, request, route, self.drain), choices
