@@ -1,0 +1,327 @@
+"""Retries, fallbacks, cooldowns, timeouts and limits, end to end with fault injection.
+
+The official openai SDK talks to a real inferbridge whose deployments are fake upstreams on
+real sockets that refuse connections, answer 4xx/5xx/429 (with Retry-After), stall before
+the first byte, stall mid-stream or die mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.fakes.faulty import Fault, FaultyOpenAI, closed_port_url
+
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+ANSWER = "Hello from upstream"
+
+
+@pytest.fixture
+def fakes():
+    started: list[FaultyOpenAI] = []
+
+    def make(count: int = 1) -> list[FaultyOpenAI]:
+        new = [FaultyOpenAI().start() for _ in range(count)]
+        started.extend(new)  # type: ignore[arg-type]
+        return new  # type: ignore[return-value]
+
+    yield make
+    for fake in started:
+        fake.stop()
+
+
+def entry(target: FaultyOpenAI | str, name: str = "m", **kw) -> dict:
+    url = target if isinstance(target, str) else target.url + "/v1"
+    return {
+        "name": name,
+        "backend": "vllm",
+        "url": url,
+        "upstream_model": "upstream-model",
+        "timeout": 5,
+        **kw,
+    }
+
+
+def client(srv) -> openai.OpenAI:
+    """One SDK client per server (making one costs more than a request)."""
+    if not hasattr(srv, "sdk"):
+        srv.sdk = srv.openai()
+    return srv.sdk
+
+
+def chat(srv, stream: bool = False, model: str = "m") -> tuple[str, str]:
+    """(answer text, x-inferbridge-model) for one request."""
+    raw = client(srv).chat.completions.with_raw_response.create(
+        model=model, messages=MESSAGES, stream=stream
+    )
+    parsed = raw.parse()
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in parsed if c.choices)
+    else:
+        text = parsed.choices[0].message.content
+    return text, raw.headers["x-inferbridge-model"]
+
+
+def readiness(srv) -> tuple[int, dict]:
+    r = httpx.get(srv.url + "/health/readiness")
+    return r.status_code, r.json()
+
+
+def states(srv, model: str = "m") -> list[str]:
+    return [d["state"] for d in readiness(srv)[1]["models"][model]["deployments"]]
+
+
+# -- retries ----------------------------------------------------------------------------------
+def test_refused_connection_is_retried_on_a_healthy_deployment(serve, fakes):
+    (healthy,) = fakes(1)
+    srv = serve(
+        {
+            "router": {"allowed_fails": 100},
+            "models": [entry(closed_port_url(), weight=1000), entry(healthy, weight=0.001)],
+        }
+    )
+    for stream in (False, True, False, True):
+        assert chat(srv, stream) == (ANSWER, "m")
+    assert healthy.served == 4
+    assert readiness(srv)[1]["models"]["m"]["deployments"][0]["recent_failures"] == 4
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_retryable_status_is_retried_elsewhere(serve, fakes, status):
+    bad, good = fakes(2)
+    bad.behaviour.status = status
+    srv = serve({"models": [entry(bad, weight=1000), entry(good, weight=0.001)]})
+    assert chat(srv, stream=True) == (ANSWER, "m")
+    assert (bad.served, good.served) == (1, 1)
+
+
+def test_request_rejected_by_the_backend_is_not_retried(serve, fakes):
+    bad, good = fakes(2)
+    bad.behaviour.status = 400
+    bad.behaviour.error_body = {"error": {"message": "context too long", "code": 400}}
+    srv = serve({"models": [entry(bad, weight=1000), entry(good, weight=0.001)]})
+    with pytest.raises(openai.BadRequestError, match="context too long"):
+        chat(srv)
+    assert (bad.served, good.served) == (1, 0)
+
+
+def test_retry_after_is_honoured_before_retrying_the_same_deployment(serve, fakes):
+    (fake,) = fakes(1)
+    fake.faults = [Fault(429, retry_after="0.4")]
+    srv = serve({"models": [entry(fake)]})
+    start = time.monotonic()
+    assert chat(srv) == (ANSWER, "m")
+    assert time.monotonic() - start >= 0.4
+    assert fake.served == 2
+
+
+def test_retry_after_beyond_the_cap_is_relayed_not_waited(serve, fakes):
+    (fake,) = fakes(1)
+    fake.behaviour.status = 429
+    fake.retry_after = "60"
+    srv = serve({"router": {"retry_after_max": 5}, "models": [entry(fake)]})
+    with pytest.raises(openai.RateLimitError) as info:
+        chat(srv)
+    assert info.value.response.headers["retry-after"] == "60"
+    assert fake.served == 1
+
+
+def test_attempts_are_bounded(serve, fakes):
+    (fake,) = fakes(1)
+    fake.behaviour.status = 503
+    srv = serve({"router": {"retries": 2, "retry_backoff": 0.01}, "models": [entry(fake)]})
+    with pytest.raises(openai.InternalServerError) as info:
+        chat(srv)
+    assert info.value.status_code == 503 and "unavailable" in info.value.message
+    assert fake.served == 3
+
+
+# -- fallbacks ---------------------------------------------------------------------------------
+def test_fallback_answers_when_the_model_is_down(serve, fakes):
+    (backup,) = fakes(1)
+    srv = serve(
+        {
+            "router": {"models": {"primary": {"fallbacks": ["backup"]}}},
+            "models": [entry(closed_port_url(), "primary"), entry(backup, "backup")],
+        }
+    )
+    assert chat(srv, model="primary") == (ANSWER, "backup")
+    assert chat(srv, stream=True, model="primary") == (ANSWER, "backup")
+    assert backup.served == 2
+
+
+def test_when_fallbacks_fail_too_the_primary_error_is_returned(serve, fakes):
+    (backup,) = fakes(1)
+    backup.behaviour.status = 500
+    srv = serve(
+        {
+            "router": {"retry_backoff": 0.01, "models": {"primary": {"fallbacks": ["backup"]}}},
+            "models": [entry(closed_port_url(), "primary"), entry(backup, "backup")],
+        }
+    )
+    with pytest.raises(openai.InternalServerError) as info:
+        chat(srv, model="primary")
+    assert info.value.status_code == 502 and "unreachable" in info.value.message
+    assert backup.served == 3
+
+
+# -- circuit breaker ---------------------------------------------------------------------------
+def test_cooldown_takes_a_failing_deployment_out_and_the_probe_brings_it_back(serve, fakes):
+    flaky, steady = fakes(2)
+    flaky.behaviour.status = 500
+    srv = serve(
+        {
+            "router": {"allowed_fails": 2, "cooldown": 1.0},
+            "models": [entry(flaky, weight=1000), entry(steady, weight=0.001)],
+        }
+    )
+    for _ in range(2):
+        assert chat(srv) == (ANSWER, "m")
+    assert flaky.served == 2
+    assert states(srv) == ["cooling_down", "ok"]
+    for _ in range(3):
+        assert chat(srv, stream=True) == (ANSWER, "m")
+    assert flaky.served == 2  # out of rotation
+    flaky.behaviour.status = 200
+    time.sleep(1.05)
+    assert states(srv) == ["half_open", "ok"]
+    assert chat(srv) == (ANSWER, "m")
+    assert flaky.served == 3  # the probe went there and succeeded
+    assert states(srv) == ["ok", "ok"]
+
+
+def test_a_failed_probe_starts_a_new_cooldown(serve, fakes):
+    flaky, steady = fakes(2)
+    flaky.behaviour.status = 503
+    srv = serve(
+        {
+            "router": {"allowed_fails": 1, "cooldown": 0.5},
+            "models": [entry(flaky, weight=1000), entry(steady, weight=0.001)],
+        }
+    )
+    assert chat(srv) == (ANSWER, "m")
+    time.sleep(0.55)
+    assert chat(srv) == (ANSWER, "m")  # probe failed, retried on the steady one
+    assert flaky.served == 2
+    assert states(srv) == ["cooling_down", "ok"]
+
+
+def test_readiness_is_503_when_a_model_has_no_usable_deployment(serve, fakes):
+    (other,) = fakes(1)
+    srv = serve(
+        {
+            "router": {"allowed_fails": 1, "cooldown": 30},
+            "models": [entry(closed_port_url()), entry(closed_port_url()), entry(other, "other")],
+        }
+    )
+    assert readiness(srv)[0] == 200
+    with pytest.raises(openai.InternalServerError) as info:
+        chat(srv)
+    assert info.value.status_code == 502
+    status, report = readiness(srv)
+    assert status == 503 and report["status"] == "unavailable"
+    assert report["models"]["m"]["ready"] is False and report["models"]["other"]["ready"]
+    assert states(srv) == ["cooling_down", "cooling_down"]
+    with pytest.raises(openai.InternalServerError) as info:
+        chat(srv)  # fails fast: nothing is tried while every deployment cools down
+    assert info.value.status_code == 503
+    assert 1 <= int(info.value.response.headers["retry-after"]) <= 30
+    assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+
+
+# -- timeouts and mid-stream failures ----------------------------------------------------------
+def test_a_stall_before_the_first_token_is_retried_elsewhere(serve, fakes):
+    stalled, fast = fakes(2)
+    stalled.behaviour.delay_first_byte = 3
+    srv = serve(
+        {
+            "models": [
+                entry(stalled, weight=1000, ttft_timeout=0.2),
+                entry(fast, weight=0.001, ttft_timeout=0.2),
+            ]
+        }
+    )
+    start = time.monotonic()
+    assert chat(srv, stream=True) == (ANSWER, "m")
+    assert time.monotonic() - start < 1.5
+    assert (stalled.served, fast.served) == (1, 1)
+
+
+def test_a_stalled_stream_is_cut_with_an_error_event(serve, fakes):
+    (fake,) = fakes(1)
+    fake.behaviour.delay_between_chunks = 0.6
+    srv = serve({"models": [entry(fake, stream_idle_timeout=0.25)]})
+    got = []
+    with pytest.raises(openai.APIError, match="stream_idle_timeout"):
+        for chunk in srv.openai().chat.completions.create(
+            model="m", messages=MESSAGES, stream=True
+        ):
+            got.append(chunk)
+    assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == "Hello"
+    assert fake.served == 1
+
+
+def test_a_death_mid_stream_reaches_the_client_and_is_not_retried(serve, fakes):
+    a, b = fakes(2)
+    for fake in (a, b):
+        fake.reply = ["one", " two", " three", " four"]
+        fake.behaviour.drop_after_chunks = 3
+    srv = serve({"models": [entry(a), entry(b)]})
+    got = []
+    with pytest.raises(openai.APIError):
+        for chunk in srv.openai().chat.completions.create(
+            model="m", messages=MESSAGES, stream=True
+        ):
+            got.append(chunk)
+    assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == "one two"
+    assert a.served + b.served == 1
+
+
+# -- concurrency limits ------------------------------------------------------------------------
+def test_full_deployments_answer_429_with_retry_after(serve, fakes):
+    (fake,) = fakes(1)
+    fake.behaviour.delay_between_chunks = 0.1
+    srv = serve({"models": [entry(fake, max_concurrent=1)]})
+    client = srv.openai()
+    held = client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+    next(iter(held))
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="m", messages=MESSAGES)
+    assert info.value.response.headers["retry-after"] == "1"
+    assert info.value.body["code"] == "rate_limit_exceeded"
+    assert "max_concurrent" in info.value.message
+    list(held)
+    assert chat(srv) == (ANSWER, "m")
+    assert fake.served == 2
+
+
+async def test_a_full_deployment_queues_then_serves(serve, fakes):
+    (fake,) = fakes(1)
+    fake.behaviour.delay_between_chunks = 0.1
+    srv = serve({"models": [entry(fake, max_concurrent=1, max_queue=1, queue_timeout=5)]})
+    client = srv.async_openai()
+    held = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+    waiting = asyncio.create_task(client.chat.completions.create(model="m", messages=MESSAGES))
+    await asyncio.sleep(0.1)
+    with pytest.raises(openai.RateLimitError):  # the one queue place is taken
+        await client.chat.completions.create(model="m", messages=MESSAGES)
+    assert fake.served == 1
+    async for _ in held:
+        pass
+    assert (await waiting).choices[0].message.content == ANSWER
+    assert fake.served == 2
+
+
+async def test_a_queued_request_gives_up_after_queue_timeout(serve, fakes):
+    (fake,) = fakes(1)
+    fake.behaviour.delay_between_chunks = 0.3
+    srv = serve({"models": [entry(fake, max_concurrent=1, max_queue=4, queue_timeout=0.2)]})
+    client = srv.async_openai()
+    held = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+    with pytest.raises(openai.RateLimitError, match="queue_timeout"):
+        await client.chat.completions.create(model="m", messages=MESSAGES)
+    await held.close()
