@@ -91,14 +91,22 @@ class Finish:
 class Usage:
     """Token counts for the whole request, as the backend reported them."""
 
-    __slots__ = ("completion_tokens", "details", "prompt_tokens")
+    __slots__ = ("completion_tokens", "details", "estimated", "prompt_tokens")
 
     def __init__(
-        self, prompt_tokens: int, completion_tokens: int, details: dict[str, Any] | None = None
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        details: dict[str, Any] | None = None,
+        *,
+        estimated: bool = False,
     ) -> None:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
         self.details = details
+        self.estimated = estimated
+        """True when part of the counts is an estimate (e.g. a backend that reports only
+        the completion side)."""
 
     def __repr__(self) -> str:
         return f"Usage({self.prompt_tokens}, {self.completion_tokens})"

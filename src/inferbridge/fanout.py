@@ -59,6 +59,7 @@ async def fan_out(
                 Usage(
                     sum(prompt_tokens.values()),
                     sum(u.completion_tokens for u in usages.values()),
+                    estimated=any(u.estimated for u in usages.values()),
                 )
             ]
     finally:

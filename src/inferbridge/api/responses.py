@@ -63,7 +63,7 @@ class ChoiceTracker:
             }
             if u.details:
                 out.update(u.details)
-            return out, False
+            return out, u.estimated
         prompt = estimate_prompt_tokens(request)
         completion = estimate_tokens(self.chars)
         return {

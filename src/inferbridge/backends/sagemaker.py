@@ -53,10 +53,11 @@ from inferbridge.backends.openai_compat import chunk_events, response_events
 from inferbridge.backends.prompting import PromptBuilder, PromptSettings
 from inferbridge.backends.tgi import (
     DEFAULT_MAX_STOP_SEQUENCES,
+    Reply,
     TGIBackend,
     TGIInfo,
-    _Reply,
     event_error,
+    generated_events,
     tgi_error,
 )
 from inferbridge.decoders import ServerSentEvent, SSEDecoder
@@ -318,31 +319,17 @@ class SageMakerBackend(TGIBackend):
     def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
         return self._messages(request) if self.messages_api else super().stream(request)
 
-    async def _generate(self, payload: dict[str, Any], reply: _Reply) -> list[Event]:
+    async def _generate(self, payload: dict[str, Any], reply: Reply) -> list[Event]:
         data = await self._invoke(self._call_args({**payload, "stream": False}, stream=False))
         item = data[0] if isinstance(data, list) and data else data  # [{"generated_text"...}]
         if isinstance(item, dict) and item.get("error"):
             raise container_error(self.label, item)
-        if not isinstance(item, dict) or not isinstance(item.get("generated_text"), str):
-            msg = f"{self.label} answered without generated_text: {data!r:.200}"
-            raise UpstreamError(msg, backend=self.label)
-        details = item.get("details") or {}
-        out: list[Event] = []
-        if reply.logprobs is not None:
-            tops = details.get("top_tokens") or []
-            for i, token in enumerate(details.get("tokens") or ()):
-                if not token.get("special"):
-                    reply.logprobs.add(token, tops[i] if i < len(tops) else [])
-        reply.text(item["generated_text"], out)
-        reply.finish(details.get("finish_reason"), out)
-        completion = details.get("generated_tokens")
-        if isinstance(completion, int):  # no prompt count in the body: that side is estimated
-            out.append(Usage(estimate_tokens(len(payload["inputs"])), completion))
+        out, completion = generated_events(self.label, item, reply)
+        if completion is not None:  # no prompt count in the body: that side is estimated
+            out.append(Usage(estimate_tokens(len(payload["inputs"])), completion, estimated=True))
         return out
 
-    def _generate_stream(
-        self, payload: dict[str, Any], reply: _Reply
-    ) -> AsyncIterator[list[Event]]:
+    def _generate_stream(self, payload: dict[str, Any], reply: Reply) -> AsyncIterator[list[Event]]:
         def handle(events: list[ServerSentEvent], out: list[Event]) -> bool:
             return any(self._event(event.data, reply, out) for event in events)
 

@@ -275,7 +275,7 @@ def _lp(token: Any) -> float:
     return float(value) if isinstance(value, int | float) else -9999.0
 
 
-class _Reply:
+class Reply:
     """Turns TGI tokens (or a whole generated text) into events, cutting at stop strings."""
 
     def __init__(self, stops: list[str], logprobs: _Logprobs | None) -> None:
@@ -309,6 +309,24 @@ class _Reply:
         if not self.stopped:
             self._emit(self.cutter.flush(), out, everything=True)
         out.append(Finish("stop" if self.stopped else normalize_finish(reason)))
+
+
+def generated_events(label: str, data: Any, reply: Reply) -> tuple[list[Event], int | None]:
+    """Events of one non-streamed TGI answer (`{"generated_text", "details"}`), and its
+    generated token count when the details carry it. Shared with the SageMaker adapter."""
+    if not isinstance(data, dict) or not isinstance(data.get("generated_text"), str):
+        raise UpstreamError(f"{label} answered without generated_text", backend=label)
+    details = data.get("details") or {}
+    out: list[Event] = []
+    if reply.logprobs is not None:
+        tops = details.get("top_tokens") or []
+        for i, token in enumerate(details.get("tokens") or ()):
+            if not token.get("special"):
+                reply.logprobs.add(token, tops[i] if i < len(tops) else [])
+    reply.text(data["generated_text"], out)
+    reply.finish(details.get("finish_reason"), out)
+    completion = details.get("generated_tokens")
+    return out, completion if isinstance(completion, int) else None
 
 
 class TGIBackend(Backend):
@@ -392,7 +410,7 @@ class TGIBackend(Backend):
         top = parameters.get("top_n_tokens", 0)
         wants = request.params.get("logprobs")
         logprobs = _Logprobs(request.kind == "chat", top) if wants else None
-        reply = _Reply(stops, logprobs)
+        reply = Reply(stops, logprobs)
         try:
             if request.stream:
                 async for batch in self._generate_stream(payload, reply):
@@ -404,30 +422,17 @@ class TGIBackend(Backend):
                 self.forget_info()
             raise
 
-    async def _generate(self, payload: dict[str, Any], reply: _Reply) -> list[Event]:
+    async def _generate(self, payload: dict[str, Any], reply: Reply) -> list[Event]:
         async with self.http.post("/generate", payload) as resp:
             data = await self.http.read_json(resp)
             prompt_tokens = resp.headers.get("x-prompt-tokens")
-        if not isinstance(data, dict) or not isinstance(data.get("generated_text"), str):
-            raise UpstreamError(
-                f"{self.label} answered /generate without generated_text", backend=self.label
-            )
-        details = data.get("details") or {}
-        out: list[Event] = []
-        if reply.logprobs is not None:
-            tops = details.get("top_tokens") or []
-            for i, token in enumerate(details.get("tokens") or ()):
-                if not token.get("special"):
-                    reply.logprobs.add(token, tops[i] if i < len(tops) else [])
-        reply.text(data["generated_text"], out)
-        reply.finish(details.get("finish_reason"), out)
-        completion = details.get("generated_tokens")
+        out, completion = generated_events(self.label, data, reply)
         if prompt_tokens and prompt_tokens.isdigit() and isinstance(completion, int):
             out.append(Usage(int(prompt_tokens), completion))
         return out
 
     async def _generate_stream(
-        self, payload: dict[str, Any], reply: _Reply
+        self, payload: dict[str, Any], reply: Reply
     ) -> AsyncIterator[list[Event]]:
         decoder = SSEDecoder()
         async with self.http.post("/generate_stream", payload) as resp:
@@ -452,7 +457,7 @@ class TGIBackend(Backend):
                         backend=self.label,
                     )
 
-    def _event(self, data: bytes, reply: _Reply, out: list[Event]) -> bool:
+    def _event(self, data: bytes, reply: Reply, out: list[Event]) -> bool:
         """Handle one SSE event; True when the answer is complete."""
         event = load_json(self.label, data)
         if not isinstance(event, dict):
