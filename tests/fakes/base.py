@@ -75,15 +75,22 @@ class FakeServer:
         return rec
 
     async def write_stream(
-        self, request: web.Request, pieces: list[bytes], content_type: str
+        self,
+        request: web.Request,
+        pieces: list[bytes],
+        content_type: str,
+        headers: dict[str, str] | None = None,
     ) -> web.StreamResponse:
         """Write `pieces` as a streamed body, honouring the split/delay/drop behaviour."""
         b = self.behaviour
-        resp = web.StreamResponse(status=200, headers={"Content-Type": content_type})
+        resp = web.StreamResponse(
+            status=200, headers={"Content-Type": content_type, **(headers or {})}
+        )
         if b.delay_first_byte:
             await asyncio.sleep(b.delay_first_byte)
         await resp.prepare(request)
         self.open_streams += 1
+        written = False
         try:
             data_pieces = pieces
             if b.split_every:
@@ -101,8 +108,11 @@ class FakeServer:
                     await asyncio.sleep(b.delay_between_chunks)
                 elif b.split_every:
                     await asyncio.sleep(0.001)  # let each piece leave as its own segment
+            written = True
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
+            if written:  # the client hung up after the last byte: a normal end
+                return resp
             self.closed_streams += 1
             raise
         finally:
@@ -160,6 +170,8 @@ class FakeServer:
     def reset(self) -> None:
         self.requests.clear()
         self.behaviour = Behaviour()
+        self.open_streams = 0
+        self.closed_streams = 0
 
     def __enter__(self) -> FakeServer:
         return self.start()
