@@ -51,6 +51,8 @@ class ModelGroup:
     strategy: Strategy
     retries: int
     fallbacks: list[str] = field(default_factory=list)
+    chain: list[ModelGroup] = field(default_factory=list)
+    """This model, then its fallbacks (not theirs: fallbacks do not chain)."""
 
 
 class Router:
@@ -76,6 +78,8 @@ class Router:
         for backend in backends:
             self.models.setdefault(backend.config.name, []).append(backend)
         self.groups = {name: self._group(name, group) for name, group in self.models.items()}
+        for group in self.groups.values():
+            group.chain = [group, *(self.groups[name] for name in group.fallbacks)]
 
     def _group(self, name: str, backends: list[Backend]) -> ModelGroup:
         deployments = []
@@ -124,10 +128,6 @@ class Router:
     def deployments(self, model: str) -> list[Backend]:
         return self.models[self.resolve(model).name]
 
-    def chain(self, group: ModelGroup) -> list[ModelGroup]:
-        """The model, then its fallbacks (not theirs: fallbacks do not chain)."""
-        return [group, *(self.groups[name] for name in group.fallbacks)]
-
     # -- selection ------------------------------------------------------------------------
     def usable(self, group: ModelGroup, now: float) -> list[Deployment]:
         breaker = self.breaker
@@ -152,11 +152,13 @@ class Router:
         """
         now = self.clock()
         breaker = self.breaker
+        store = self.store
         for d in pool:
             if (
-                breaker.state(d.id, now) == HALF_OPEN
+                store.cooldown_until(d.id)  # cheap test first: in service
+                and breaker.state(d.id, now) == HALF_OPEN
                 and d.limit.has_room()
-                and self.store.claim_probe(d.id)
+                and store.claim_probe(d.id)
             ):
                 d.limit.take()
                 return d, True
