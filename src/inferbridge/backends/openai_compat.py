@@ -73,18 +73,20 @@ def _tool_call_events(calls: list[dict[str, Any]], index: int, out: list[Event])
         )
 
 
-def chunk_events(chunk: dict[str, Any], chat: bool) -> list[Event]:
-    """Events carried by one OpenAI stream chunk (chat.completion.chunk or text_completion)."""
+def _events(data: dict[str, Any], chat: bool, whole: bool) -> list[Event]:
+    """Events of one OpenAI object: a stream chunk (`delta`s, finish only when given) or a
+    whole response (`message`s, every choice finished)."""
     out: list[Event] = []
-    for choice in chunk.get("choices") or ():
+    part = "message" if whole else "delta"
+    for choice in data.get("choices") or ():
         index = choice.get("index") or 0
         if chat:
-            delta = choice.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            body = choice.get(part) or {}
+            reasoning = body.get("reasoning_content") or body.get("reasoning")
             if reasoning:
                 out.append(ReasoningDelta(reasoning, index))
-            text = delta.get("content")
-            calls = delta.get("tool_calls")
+            text = body.get("content")
+            calls = body.get("tool_calls")
         else:
             text = choice.get("text")
             calls = None
@@ -93,38 +95,22 @@ def chunk_events(chunk: dict[str, Any], chat: bool) -> list[Event]:
         if calls:
             _tool_call_events(calls, index, out)
         reason = choice.get("finish_reason")
-        if reason:
+        if reason or whole:
             out.append(Finish(normalize_finish(reason), index))
-    usage = chunk.get("usage")
-    if usage:
-        out.append(usage_event(usage))
-    return out
-
-
-def response_events(data: dict[str, Any], chat: bool) -> list[Event]:
-    """Events carried by one whole (non-streamed) OpenAI response."""
-    out: list[Event] = []
-    for choice in data.get("choices") or ():
-        index = choice.get("index") or 0
-        if chat:
-            message = choice.get("message") or {}
-            reasoning = message.get("reasoning_content") or message.get("reasoning")
-            if reasoning:
-                out.append(ReasoningDelta(reasoning, index))
-            text = message.get("content")
-            calls = message.get("tool_calls")
-        else:
-            text = choice.get("text")
-            calls = None
-        if text or choice.get("logprobs"):
-            out.append(TextDelta(text or "", index, choice.get("logprobs")))
-        if calls:
-            _tool_call_events(calls, index, out)
-        out.append(Finish(normalize_finish(choice.get("finish_reason")), index))
     usage = data.get("usage")
     if usage:
         out.append(usage_event(usage))
     return out
+
+
+def chunk_events(chunk: dict[str, Any], chat: bool) -> list[Event]:
+    """Events carried by one OpenAI stream chunk (chat.completion.chunk or text_completion)."""
+    return _events(chunk, chat, whole=False)
+
+
+def response_events(data: dict[str, Any], chat: bool) -> list[Event]:
+    """Events carried by one whole (non-streamed) OpenAI response."""
+    return _events(data, chat, whole=True)
 
 
 class OpenAICompatBackend(Backend):
