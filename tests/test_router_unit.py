@@ -291,3 +291,10 @@ def test_routing_config_errors_name_the_field():
         load_config(
             data={"models": [{"name": "m", "backend": "echo", "max_concurrent": 0}]}, environ={}
         )
+
+
+def test_drain_timeout_from_file_and_env():
+    assert load_config(environ={}).server.drain_timeout == 30
+    cfg = load_config(data={"server": {"drain_timeout": 3}}, environ={})
+    assert cfg.server.drain_timeout == 3
+    assert load_config(environ={"INFERBRIDGE_DRAIN_TIMEOUT": "5"}).server.drain_timeout == 5

@@ -173,7 +173,7 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """`INFERBRIDGE_HOST`, `_PORT`, `_WORKERS`, `_LOG_LEVEL`, `_API_KEYS` (comma-separated)."""
     env = os.environ if environ is None else environ
     server: dict[str, Any] = {}
-    for key in ("host", "port", "workers", "log_level", "max_body_bytes"):
+    for key in ("host", "port", "workers", "log_level", "max_body_bytes", "drain_timeout"):
         value = env.get(f"INFERBRIDGE_{key.upper()}")
         if value:
             server[key] = value

@@ -51,7 +51,7 @@ class ModelGroup:
     strategy: Strategy
     retries: int
     fallbacks: list[str] = field(default_factory=list)
-    chain: list[ModelGroup] = field(default_factory=list)
+    chain: list[ModelGroup] = field(default_factory=list, repr=False)
     """This model, then its fallbacks (not theirs: fallbacks do not chain)."""
 
 
