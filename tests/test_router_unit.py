@@ -298,3 +298,32 @@ def test_drain_timeout_from_file_and_env():
     cfg = load_config(data={"server": {"drain_timeout": 3}}, environ={})
     assert cfg.server.drain_timeout == 3
     assert load_config(environ={"INFERBRIDGE_DRAIN_TIMEOUT": "5"}).server.drain_timeout == 5
+
+
+async def test_gateway_close_waits_for_streams_in_progress_then_closes_backends():
+    from inferbridge.gateway import Gateway
+
+    config = load_config(
+        data={
+            "server": {"drain_timeout": 2},
+            "models": [{"name": "m", "backend": "echo", "delay": 0.01}],
+        },
+        environ={},
+    )
+    gateway = Gateway(config)
+    closed: list[bool] = []
+
+    async def close() -> None:
+        closed.append(True)
+
+    gateway.backends[0].close = close  # type: ignore[method-assign]
+    await gateway.start()
+    stream, _ = gateway.open_stream(request(), RouteInfo())
+    await stream.__anext__()
+    closing = asyncio.create_task(gateway.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done() and not closed
+    async for _ in stream:
+        pass
+    await asyncio.wait_for(closing, 1)
+    assert closed == [True]
