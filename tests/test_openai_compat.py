@@ -233,3 +233,23 @@ def test_client_disconnect_closes_the_upstream_stream(proxy, upstream):
         time.sleep(0.05)
     assert upstream.open_streams == 0
     assert upstream.closed_streams == 1
+
+
+async def test_health_check_lists_models(upstream):
+    from inferbridge.backends.openai_compat import OpenAICompatBackend, OpenAICompatSettings
+    from inferbridge.errors import UpstreamError
+
+    ok = OpenAICompatBackend(OpenAICompatSettings(name="m", backend="vllm",
+                                                  url=upstream.url + "/v1"))
+    down = OpenAICompatBackend(OpenAICompatSettings(name="m", backend="vllm",
+                                                    url=upstream.url + "/nothing"))
+    for backend in (ok, down):
+        await backend.start()
+    try:
+        await ok.health()
+        assert upstream.requests[-1].path == "/v1/models"
+        with pytest.raises(UpstreamError):
+            await down.health()
+    finally:
+        for backend in (ok, down):
+            await backend.close()

@@ -109,6 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         http="httptools",
         log_level=server.log_level,
         access_log=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=server.drain_timeout,
     )
     return 0

@@ -169,7 +169,7 @@ class Observability:
             m.child(m.upstream_errors, model, route.deployment, route.backend, kind).inc()
         if route.attempts > 1:
             m.child(m.retries, model).inc(route.attempts - 1)
-        if route.model and route.model != model:
+        if route.fallback:
             m.child(m.fallbacks, model, route.model).inc()
         if timer.disconnected:
             m.child(m.disconnects, model).inc()

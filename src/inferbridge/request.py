@@ -59,6 +59,8 @@ class RouteInfo:
     deployment: str = ""
     backend: str = ""
     attempts: int = 0
+    fallback: bool = False
+    """True when a fallback model answered (an alias resolving to a model is not one)."""
 
 
 def message_text(content: Any) -> str:

@@ -80,6 +80,12 @@ class AzureBackend(OpenAICompatBackend):
             return root if root.endswith(V1_SUFFIX) else root + V1_SUFFIX
         return f"{root}/openai/deployments/{quote(cfg.deployment_name, safe='')}"
 
+    def health_path(self) -> str:
+        cfg = self.azure
+        if cfg.v1:
+            return "/models"
+        return f"{cfg.url.rstrip('/')}/openai/models?api-version={cfg.api_version}"
+
     def upstream_headers(self) -> dict[str, str]:
         cfg = self.azure
         if cfg.azure_ad_token:

@@ -165,6 +165,14 @@ class OpenAICompatBackend(Backend):
     async def close(self) -> None:
         await self.http.close()
 
+    async def health(self) -> None:
+        """Ready when the upstream lists its models (`GET {url}/models`)."""
+        async with self.http.request("GET", self.health_path()) as resp:
+            await resp.read()
+
+    def health_path(self) -> str:
+        return "/models"
+
     async def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
         chat = request.kind == "chat"
         path, query = self.endpoint(request)

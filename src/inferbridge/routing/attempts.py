@@ -99,6 +99,7 @@ async def first_answer(
     batch (its slot still held), its stream, and that batch (None: it ended empty)."""
     primary: InferbridgeError | None = None
     for model in group.chain:
+        route.fallback = model is not group
         outcome = await _try_model(router, model, request, route)
         if isinstance(outcome, tuple):
             return outcome
