@@ -10,7 +10,7 @@ python3 -m venv .venv
 python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[test]'
 
-ruff check src tests bench
+ruff check .
 
 # The TGI fake checked with the official `text-generation` client. That client needs
 # huggingface-hub < 1.0 while gradio_client needs >= 1.16, so it gets its own small venv.
