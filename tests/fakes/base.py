@@ -13,6 +13,7 @@ bytes at awkward boundaries or to drop the connection mid-stream.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import threading
@@ -134,14 +135,21 @@ class FakeServer:
     def start(self) -> FakeServer:
         self._thread = threading.Thread(target=self._run, daemon=True, name=type(self).__name__)
         self._thread.start()
+        _running.add(self)
         if not self._started.wait(10):
             raise RuntimeError(f"{type(self).__name__} did not start")
         return self
 
     def _run(self) -> None:
         self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._serve())
         self._loop.run_forever()
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:  # requests still being served when the test ended
+            task.cancel()
+        if pending:
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.run_until_complete(self._runner.cleanup() if self._runner else asyncio.sleep(0))
         self._loop.close()
 
@@ -158,7 +166,8 @@ class FakeServer:
         self._started.set()
 
     def stop(self) -> None:
-        if self._loop and self._thread:
+        _running.discard(self)
+        if self._loop and self._thread and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
 
@@ -179,6 +188,17 @@ class FakeServer:
     def __exit__(self, *exc: object) -> None:
         with contextlib.suppress(Exception):
             self.stop()
+
+
+_running: set[FakeServer] = set()
+
+
+@atexit.register
+def _stop_forgotten_fakes() -> None:
+    """Fakes a test never stopped: end their loops cleanly instead of at interpreter exit."""
+    for fake in list(_running):
+        with contextlib.suppress(Exception):
+            fake.stop()
 
 
 def sse(payload: Any) -> bytes:
