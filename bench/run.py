@@ -271,7 +271,12 @@ async def run_wrk(script: Path, url: str, connections: int, seconds: float) -> d
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout=seconds + 60)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=seconds + 60)
+    except (asyncio.CancelledError, TimeoutError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
     for line in out.decode().splitlines():
         if line.startswith("BENCHJSON "):
             data: dict[str, Any] = json.loads(line[len("BENCHJSON "):])
@@ -955,8 +960,13 @@ async def profile(bench: Bench, proxy: Target, out: Path) -> None:
                    "--format", fmt_name, "-o", str(target)]
             spy_proc = await asyncio.create_subprocess_exec(
                 *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-            await load()
-            await asyncio.wait_for(spy_proc.wait(), timeout=seconds + 30)
+            try:
+                await load()
+                await asyncio.wait_for(spy_proc.wait(), timeout=seconds + 30)
+            except (asyncio.CancelledError, TimeoutError):
+                with contextlib.suppress(ProcessLookupError):
+                    spy_proc.kill()
+                raise
             print(f"profile: {target}", flush=True)
 
 
@@ -1077,6 +1087,30 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+async def stop_on_signals(run: Awaitable[int]) -> int:
+    """Run `run`; SIGINT or SIGTERM cancels it, so every `finally` and `async with` on the
+    way out runs (an exception raised from a signal handler could land inside a library's
+    own error handling instead)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def stop(signum: int) -> None:
+        received.append(signum)
+        task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        return await run
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        print(f"stopped by signal {received[0]}; stopping child processes", flush=True)
+        return 128 + received[0]
+
+
 def _rerun_in_own_session(argv: list[str] | None) -> int:
     cmd = [sys.executable, str(Path(__file__).resolve()),
            *(sys.argv[1:] if argv is None else argv)]
@@ -1136,6 +1170,9 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("taskset") is None:
         print("taskset is not installed: apt-get install -y util-linux")
         return 2
+    # Ctrl-C stops the run even when started from a shell that ignores SIGINT for
+    # background jobs
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.nice and os.getsid(0) != os.getpid():
         # a session of our own, so that raising its autogroup's priority touches nothing
         # but this run (wrk and the streaming client included)
@@ -1156,7 +1193,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import uvloop
 
-            return uvloop.run(benchmark(args, children, Path(tmp)))
+            return uvloop.run(stop_on_signals(benchmark(args, children, Path(tmp))))
         except KeyboardInterrupt:
             print("interrupted")
             return 130
