@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         http="httptools",
         log_level=server.log_level,
-        access_log=False,
+        access_log=False,  # inferbridge writes its own JSON access log, off the loop
+        proxy_headers=False,  # measured: a middleware layer on every request
+        server_header=False,
         timeout_graceful_shutdown=server.drain_timeout,
     )
     return 0

@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
 
+from inferbridge import ids
 from inferbridge.api.protocol import build_request, parse_body
 from inferbridge.api.responses import ResponseAssembler, StreamEncoder, error_event
 from inferbridge.errors import InferbridgeError, PayloadTooLarge
@@ -104,7 +104,7 @@ class CompletionsEndpoint:
         timer = RequestTimer()
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id")
-        request_id = rid.decode("latin-1") if rid else uuid.uuid4().hex
+        request_id = rid.decode("latin-1") if rid else ids.new_id()
         try:
             self.gateway.authenticate(headers.get(b"authorization"), headers.get(b"api-key"))
             body = await read_body(receive, headers, self.limit)
@@ -127,8 +127,7 @@ class CompletionsEndpoint:
         self.observe.started(request.model)
         task = asyncio.current_task()
         assert task is not None
-        watch = DisconnectWatch(receive, task)
-        exchange.send = watch.send_wrapper(send)
+        watch = exchange.watch = DisconnectWatch(receive, task)
         try:
             if request.stream:
                 await self._stream(exchange, stream, choices)
@@ -167,6 +166,7 @@ class CompletionsEndpoint:
         headers = [*JSON_HEADERS, *ex.route_headers()]
         if estimated:
             headers.append((b"x-inferbridge-usage-estimated", b"true"))
+        ex.watch.done = True  # from here on, a disconnect is the normal end
         await send_json(ex.send, 200, orjson.dumps(response), headers)
         timer.status = 200
 
@@ -207,13 +207,14 @@ class CompletionsEndpoint:
         except Exception as exc:
             tail = error_event(ex.stream_failed(exc).envelope())
         ex.completion = encoder.tracker.text
+        ex.watch.done = True
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
 class Exchange:
     """One request in flight: what the handler needs to answer and to record it."""
 
-    __slots__ = ("completion", "error", "request", "route", "send", "timer", "usage")
+    __slots__ = ("completion", "error", "request", "route", "send", "timer", "usage", "watch")
 
     def __init__(self, request: InferenceRequest, route: RouteInfo, timer: RequestTimer,
                  send: Send) -> None:
@@ -224,6 +225,7 @@ class Exchange:
         self.usage: dict[str, Any] | None = None
         self.error: Exception | None = None
         self.completion: Any = None
+        self.watch: DisconnectWatch
 
     def route_headers(self) -> list[tuple[bytes, bytes]]:
         """x-request-id, x-inferbridge-model (the model that answered, after fallbacks) and
@@ -246,6 +248,7 @@ class Exchange:
         err = self._as_error(exc)
         self.timer.status = err.status
         self.timer.overhead = self.timer.overhead_so_far()
+        self.watch.done = True
         await send_error(self.send, err, self.request.request_id)
 
     def stream_failed(self, exc: Exception) -> InferbridgeError:
@@ -275,14 +278,6 @@ class DisconnectWatch:
                     self.gone = True
                     self._task.cancel()
                 return
-
-    def send_wrapper(self, send: Send) -> Send:
-        async def wrapped(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                self.done = True
-            await send(message)
-
-        return wrapped
 
     def stop(self) -> None:
         self._watcher.cancel()

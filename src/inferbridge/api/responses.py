@@ -12,12 +12,12 @@ holds the id / object / created / model shared by every chunk of the stream.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
+from inferbridge import ids
 from inferbridge.events import Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
 from inferbridge.request import InferenceRequest
 from inferbridge.usage import estimate_prompt_tokens, estimate_tokens
@@ -26,7 +26,7 @@ DONE = b"data: [DONE]\n\n"
 
 
 def new_id(kind: str) -> str:
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + ids.new_id()
 
 
 class ChoiceTracker:
@@ -193,7 +193,7 @@ class ResponseAssembler:
                 call = calls.get(ev.call_index)
                 if call is None:
                     call = calls[ev.call_index] = {
-                        "id": ev.id or f"call_{uuid.uuid4().hex[:24]}",
+                        "id": ev.id or f"call_{ids.new_id()}",
                         "type": "function",
                         "function": {"name": ev.name or "", "arguments": ""},
                     }

@@ -1,0 +1,19 @@
+"""Identifiers: request ids and completion ids, unique across requests and processes.
+
+A random per-process prefix plus a counter: as unique as uuid4 for our purposes, at a
+fraction of its cost on the hot path (the benchmark measured two uuid4 calls at ~6% of a
+request).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+_PREFIX = os.urandom(6).hex()
+_COUNTER = itertools.count(1)
+
+
+def new_id() -> str:
+    return f"{_PREFIX}{next(_COUNTER):010x}"
+
