@@ -114,6 +114,11 @@ class UpstreamError(InferbridgeError):
         super().__init__(message, **kw)
         self.backend = backend
 
+    @classmethod
+    def truncated(cls, backend: str) -> UpstreamError:
+        """The backend's stream ended without its protocol's end marker."""
+        return cls(f"{backend} ended the stream before the answer was complete", backend=backend)
+
 
 class UpstreamUnavailable(UpstreamError):
     """503: the backend says it is not ready or overloaded."""

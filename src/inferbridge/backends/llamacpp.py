@@ -433,10 +433,7 @@ class LlamaCppBackend(Backend):
             if batch:
                 yield batch
         if not reader.done:
-            raise UpstreamError(
-                f"{self.label} ended the stream before the answer was complete",
-                backend=self.label,
-            )
+            raise UpstreamError.truncated(self.label)
 
 
 def _top_logprobs(request: InferenceRequest) -> int | None:

@@ -407,10 +407,7 @@ class OllamaBackend(Backend):
             if batch:
                 yield batch
             if not reader.done:
-                raise UpstreamError(
-                    f"{self.label} ended the stream before the answer was complete",
-                    backend=self.label,
-                )
+                raise UpstreamError.truncated(self.label)
 
     # -- readiness ------------------------------------------------------------------------
     async def list_models(self) -> list[str]:

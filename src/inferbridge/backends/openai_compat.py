@@ -208,10 +208,7 @@ class OpenAICompatBackend(Backend):
                 saw_finish = saw_finish or any(type(e) is Finish for e in batch)
                 yield batch
             if not saw_finish:
-                raise UpstreamError(
-                    f"{self.label} ended the stream before the answer was complete",
-                    backend=self.label,
-                )
+                raise UpstreamError.truncated(self.label)
 
     def _chunk(self, data: bytes, chat: bool) -> list[Event]:
         chunk = load_json(self.label, data)

@@ -420,8 +420,7 @@ class SageMakerBackend(TGIBackend):
                         reader.detach()
                     return
                 if item is _END:
-                    msg = f"{self.label} ended the stream before the answer was complete"
-                    raise UpstreamError(msg, backend=self.label)
+                    raise UpstreamError.truncated(self.label)
                 if isinstance(item, BaseException):
                     raise item
         finally:
