@@ -55,20 +55,24 @@ def expected_text(chunks: int) -> str:
 
 
 def completion_body() -> bytes:
-    return orjson.dumps({
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": CREATED,
-        "model": MODEL,
-        "system_fingerprint": None,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": ANSWER, "refusal": None},
-            "logprobs": None,
-            "finish_reason": "stop",
-        }],
-        "usage": {"prompt_tokens": 12, "completion_tokens": 28, "total_tokens": 40},
-    })
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": CREATED,
+            "model": MODEL,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": ANSWER, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 28, "total_tokens": 40},
+        }
+    )
 
 
 def stream_events(chunks: int) -> list[bytes]:
@@ -84,12 +88,14 @@ def stream_events(chunks: int) -> list[bytes]:
             "created": CREATED,
             "model": MODEL,
             "system_fingerprint": None,
-            "choices": [{
-                "index": 0,
-                "delta": delta,
-                "logprobs": None,
-                "finish_reason": "stop" if i == chunks - 1 else None,
-            }],
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": "stop" if i == chunks - 1 else None,
+                }
+            ],
         }
         events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
     events.append(b"data: [DONE]\n\n")
@@ -140,7 +146,14 @@ class UpstreamProtocol(asyncio.Protocol):
     """One client connection: parse requests, answer from prebuilt bytes."""
 
     __slots__ = (
-        "_buf", "_close_after", "_handle", "_piece", "_pre", "_streaming", "_transport", "loop",
+        "_buf",
+        "_close_after",
+        "_handle",
+        "_piece",
+        "_pre",
+        "_streaming",
+        "_transport",
+        "loop",
     )
 
     def __init__(self, pre: Prebuilt, loop: asyncio.AbstractEventLoop) -> None:
@@ -247,17 +260,24 @@ async def serve(profiles: list[Profile], host: str, max_seconds: float) -> None:
     for profile in profiles:
         pre = Prebuilt(profile)
         server = await loop.create_server(
-            lambda pre=pre: UpstreamProtocol(pre, loop), host, profile.port,
-            backlog=4096, reuse_address=True,
+            lambda pre=pre: UpstreamProtocol(pre, loop),
+            host,
+            profile.port,
+            backlog=4096,
+            reuse_address=True,
         )
         servers.append(server)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     parent = os.getppid()
-    print("fake upstream ready on " + ", ".join(
-        f"{host}:{p.port} ({p.chunks} chunks, {p.delay_ms:g} ms apart)" for p in profiles
-    ), flush=True)
+    print(
+        "fake upstream ready on "
+        + ", ".join(
+            f"{host}:{p.port} ({p.chunks} chunks, {p.delay_ms:g} ms apart)" for p in profiles
+        ),
+        flush=True,
+    )
     deadline = loop.time() + max_seconds
     while not stop.is_set() and loop.time() < deadline and os.getppid() == parent:
         with contextlib.suppress(TimeoutError):
@@ -269,12 +289,19 @@ async def serve(profiles: list[Profile], host: str, max_seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--listen", action="append", type=parse_listen, metavar="PORT[:CHUNKS[:DELAY_MS]]",
+        "--listen",
+        action="append",
+        type=parse_listen,
+        metavar="PORT[:CHUNKS[:DELAY_MS]]",
         help="a port and what its streams look like (repeatable; default 8101:64:0)",
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--max-seconds", type=float, default=3600.0,
-                        help="stop by itself after this long (default 3600)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=3600.0,
+        help="stop by itself after this long (default 3600)",
+    )
     args = parser.parse_args(argv)
     profiles = args.listen or [Profile(8101)]
     try:

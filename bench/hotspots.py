@@ -35,8 +35,14 @@ def short(frame: str) -> str:
 
 # Leaf frames of threads blocked in a wait: py-spy may count them as active, but they use no
 # CPU (e.g. the access log's listener thread waiting on its queue). Left out of the shares.
-IDLE_LEAVES = ("QueueListener.dequeue", "Condition.wait", "Event.wait", "Queue.get",
-               "Thread.join", "select (selectors.py)")
+IDLE_LEAVES = (
+    "QueueListener.dequeue",
+    "Condition.wait",
+    "Event.wait",
+    "Queue.get",
+    "Thread.join",
+    "select (selectors.py)",
+)
 
 
 def is_idle(frames: list[str]) -> bool:
@@ -85,8 +91,7 @@ def summarize(path: Path, top: int, match: str | None) -> str:
     by_package: Counter[str] = Counter()
     for frame, count in self_time.items():
         by_package[package(frame)] += count
-    out = [f"{path}: {total} samples on CPU ({idle} samples of threads blocked in a wait "
-           "left out)"]
+    out = [f"{path}: {total} samples on CPU ({idle} samples of threads blocked in a wait left out)"]
     out.append("\nself time by package (% of samples):")
     for name, count in by_package.most_common(top):
         out.append(f"  {100 * count / total:5.1f}%  {name}")

@@ -65,15 +65,17 @@ SLOW_CHUNKS = 20
 SLOW_DELAY_MS = 50
 SLOW_STREAMS = 1000
 
-CHAT_BODY = orjson.dumps({
-    "model": "bench",
-    "messages": [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "Say hello to the benchmark."},
-    ],
-    "max_tokens": 64,
-    "temperature": 0.7,
-})
+CHAT_BODY = orjson.dumps(
+    {
+        "model": "bench",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Say hello to the benchmark."},
+        ],
+        "max_tokens": 64,
+        "temperature": 0.7,
+    }
+)
 
 
 def stream_body(model: str) -> bytes:
@@ -112,12 +114,19 @@ class Children:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.nice = nice
 
-    def start(self, cmd: list[str], log: Path, env: dict[str, str] | None = None
-              ) -> subprocess.Popen[bytes]:
+    def start(
+        self, cmd: list[str], log: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent, env=env, cwd=REPO,
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                env=env,
+                cwd=REPO,
             )
         self.procs.append(proc)
         set_priority(proc.pid, self.nice)
@@ -223,8 +232,7 @@ class CpuMeter:
     def snapshot(self) -> tuple[float, float, float]:
         me = resource.getrusage(resource.RUSAGE_SELF)
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return (cpu_seconds(self._pids()), me.ru_utime + me.ru_stime,
-                kids.ru_utime + kids.ru_stime)
+        return (cpu_seconds(self._pids()), me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime)
 
 
 # --------------------------------------------------------------------------------------
@@ -266,8 +274,20 @@ end
 
 
 async def run_wrk(script: Path, url: str, connections: int, seconds: float) -> dict[str, Any]:
-    cmd = ["taskset", "-c", str(LOAD_CORE), "wrk", "-t1", f"-c{connections}",
-           f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), url]
+    cmd = [
+        "taskset",
+        "-c",
+        str(LOAD_CORE),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
@@ -279,9 +299,8 @@ async def run_wrk(script: Path, url: str, connections: int, seconds: float) -> d
         raise
     for line in out.decode().splitlines():
         if line.startswith("BENCHJSON "):
-            data: dict[str, Any] = json.loads(line[len("BENCHJSON "):])
-            data["errors"] = sum(data[k] for k in ("status", "connect", "read", "write",
-                                                   "timeout"))
+            data: dict[str, Any] = json.loads(line[len("BENCHJSON ") :])
+            data["errors"] = sum(data[k] for k in ("status", "connect", "read", "write", "timeout"))
             return data
     raise RuntimeError(f"wrk printed no result:\n{out.decode()}")
 
@@ -316,9 +335,13 @@ def verify_stream(body: bytes, expected: str) -> tuple[int, str]:
             chunk = orjson.loads(ev[6:])
         except orjson.JSONDecodeError:
             return 0, f"invalid JSON: {ev[:80]!r}"
-        if (chunk.get("object") != "chat.completion.chunk" or "id" not in chunk
-                or "created" not in chunk or "model" not in chunk
-                or not isinstance(chunk.get("choices"), list)):
+        if (
+            chunk.get("object") != "chat.completion.chunk"
+            or "id" not in chunk
+            or "created" not in chunk
+            or "model" not in chunk
+            or not isinstance(chunk.get("choices"), list)
+        ):
             return 0, f"not an OpenAI chat.completion.chunk: {ev[:120]!r}"
         for choice in chunk["choices"]:
             delta = choice["delta"]
@@ -334,14 +357,20 @@ def verify_stream(body: bytes, expected: str) -> tuple[int, str]:
     return len(text), ""
 
 
-async def stream_once(session: aiohttp.ClientSession, url: str, body: bytes,
-                      expected: str, abort_after_first: bool = False) -> StreamResult:
+async def stream_once(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    expected: str,
+    abort_after_first: bool = False,
+) -> StreamResult:
     start = time.perf_counter()
     first = 0.0
     parts: list[bytes] = []
     try:
-        async with session.post(url, data=body,
-                                headers={"Content-Type": "application/json"}) as resp:
+        async with session.post(
+            url, data=body, headers={"Content-Type": "application/json"}
+        ) as resp:
             if resp.status != 200:
                 return StreamResult(False, problem=f"HTTP {resp.status}")
             async for data in resp.content.iter_any():
@@ -365,14 +394,16 @@ def client_session(limit: int) -> aiohttp.ClientSession:
     )
 
 
-async def streams_for(url: str, body: bytes, expected: str, concurrency: int,
-                      seconds: float, max_streams: int) -> tuple[list[StreamResult], float]:
+async def streams_for(
+    url: str, body: bytes, expected: str, concurrency: int, seconds: float, max_streams: int
+) -> tuple[list[StreamResult], float]:
     """Closed loop: `concurrency` clients, each starting its next stream when one ends."""
     results: list[StreamResult] = []
     async with client_session(concurrency) as session:
         # connections made before the clock starts
-        await asyncio.gather(*(stream_once(session, url, body, expected)
-                               for _ in range(concurrency)))
+        await asyncio.gather(
+            *(stream_once(session, url, body, expected) for _ in range(concurrency))
+        )
         deadline = time.perf_counter() + seconds
         started = 0
 
@@ -405,15 +436,13 @@ class Bench:
 
     def record(self, phase: str, target: str, figures: dict[str, Any]) -> None:
         self.results.setdefault(phase, {}).setdefault(target, []).append(figures)
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in figures.items()
-                          if not isinstance(v, list))
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in figures.items() if not isinstance(v, list))
         print(f"  {phase:<3} {target:<14} {shown}", flush=True)
 
     def cpu_of(self, target: Target) -> CpuMeter:
         return CpuMeter(target.pids)
 
-    async def measured(self, target: Target, load: Awaitable[Any]
-                       ) -> tuple[Any, dict[str, float]]:
+    async def measured(self, target: Target, load: Awaitable[Any]) -> tuple[Any, dict[str, float]]:
         """Run `load`; CPU seconds of the target tree, the upstream and the load side."""
         up_pids = process_tree(self.upstream.pid)
         meter = self.cpu_of(target)
@@ -431,8 +460,7 @@ class Bench:
             "load_cpu": (after[1] - before[1]) + (after[2] - before[2]),
         }
 
-    def cpu_figures(self, target: Target, cpu: dict[str, float], per: float
-                    ) -> dict[str, Any]:
+    def cpu_figures(self, target: Target, cpu: dict[str, float], per: float) -> dict[str, Any]:
         """CPU per unit of `per` (µs) for the measured process (proxy, or the upstream
         when measuring direct), and how busy the proxy and the load core were."""
         own = cpu["target_cpu"] if target.name != "direct" else cpu["upstream_cpu"]
@@ -447,7 +475,8 @@ class Bench:
     async def nonstream(self, phase: str, target: Target, connections: int) -> None:
         seconds = self.args.seconds
         result, cpu = await self.measured(
-            target, run_wrk(self.wrk_script, target.fast_url, connections, seconds))
+            target, run_wrk(self.wrk_script, target.fast_url, connections, seconds)
+        )
         reqs = result["requests"]
         figures = {
             "rps": reqs / (result["duration_us"] / 1e6),
@@ -464,8 +493,12 @@ class Bench:
         body = stream_body(target.fast_model)
         expected = expected_text(self.args.chunks)
         max_streams = 2000 if concurrency == 1 else 1_000_000
-        (results, elapsed), cpu = await self.measured(target, streams_for(
-            target.fast_url, body, expected, concurrency, self.args.seconds, max_streams))
+        (results, elapsed), cpu = await self.measured(
+            target,
+            streams_for(
+                target.fast_url, body, expected, concurrency, self.args.seconds, max_streams
+            ),
+        )
         ok = [r for r in results if r.ok]
         chunks = sum(r.chunks for r in ok)
         figures: dict[str, Any] = {
@@ -502,9 +535,12 @@ class Bench:
         async def load() -> tuple[list[StreamResult], float]:
             async with client_session(0) as session:
                 t0 = time.perf_counter()
-                results = await asyncio.gather(*(
-                    stream_once(session, target.slow_url, body, expected)
-                    for _ in range(SLOW_STREAMS)))
+                results = await asyncio.gather(
+                    *(
+                        stream_once(session, target.slow_url, body, expected)
+                        for _ in range(SLOW_STREAMS)
+                    )
+                )
                 return results, time.perf_counter() - t0
 
         if proxy_pid is not None:
@@ -552,8 +588,9 @@ def write_config(tmp: Path, fast_port: int, slow_port: int, options: list[str]) 
     """The proxy's YAML: two models, `bench` (64-chunk streams) and `bench-slow`; `options`
     are extra `server:` settings given as KEY=VALUE."""
     cfg = tmp / "inferbridge-bench.yaml"
-    extra = "".join(f"  {k.strip()}: {v.strip()}\n"
-                    for k, _, v in (o.partition("=") for o in options))
+    extra = "".join(
+        f"  {k.strip()}: {v.strip()}\n" for k, _, v in (o.partition("=") for o in options)
+    )
     cfg.write_text(
         "# generated by bench/run.py\n"
         f"server:\n  host: 127.0.0.1\n  log_level: warning\n{extra}"
@@ -584,8 +621,9 @@ def _py_spy(out: Path) -> str | None:
     return spy
 
 
-async def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path,
-                     timeout: float = 60.0) -> None:
+async def wait_ready(
+    url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0
+) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
@@ -606,29 +644,60 @@ def source_tree(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
     exported to the temporary directory (a stable snapshot while others edit the tree).
     """
     if not args.commit:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "src"],
-                               capture_output=True, text=True, check=False).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "src"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
         return REPO / "src", f"working tree at {rev or '?'}" + (" (modified)" if dirty else "")
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.commit],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    rev = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", args.commit],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     snap = tmp / "snapshot"
     snap.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src"],
-                             capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "src"], capture_output=True, check=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(snap)], input=archive, check=True)
     return snap / "src", f"commit {rev}"
 
 
-def start_proxy(children: Children, tmp: Path, config: Path, workers: int, src: Path,
-                extra_env: list[str] | None = None
-                ) -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_proxy(
+    children: Children,
+    tmp: Path,
+    config: Path,
+    workers: int,
+    src: Path,
+    extra_env: list[str] | None = None,
+) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
     cores = str(PROXY_CORE) if workers == 1 else f"{PROXY_CORE},{LOAD_CORE}"
     log = tmp / f"inferbridge-w{workers}.log"
-    cmd = ["taskset", "-c", cores, sys.executable, "-m", "inferbridge", "serve",
-           "--config", str(config), "--port", str(port), "--log-level", "warning"]
+    cmd = [
+        "taskset",
+        "-c",
+        cores,
+        sys.executable,
+        "-m",
+        "inferbridge",
+        "serve",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     if workers > 1:
         cmd += ["--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": str(src)}
@@ -642,8 +711,9 @@ async def check_answers(targets: list[Target]) -> None:
     """One non-streamed answer through each target must be the upstream's exact answer."""
     async with aiohttp.ClientSession() as session:
         for t in targets:
-            async with session.post(t.fast_url, data=CHAT_BODY,
-                                    headers={"Content-Type": "application/json"}) as r:
+            async with session.post(
+                t.fast_url, data=CHAT_BODY, headers={"Content-Type": "application/json"}
+            ) as r:
                 data = orjson.loads(await r.read())
                 content = data["choices"][0]["message"]["content"]
                 if r.status != 200 or data["object"] != "chat.completion" or content != ANSWER:
@@ -658,8 +728,12 @@ def med(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def paired(direct: list[dict[str, Any]], proxy: list[dict[str, Any]], key: str,
-           op: Callable[[float, float], float]) -> float:
+def paired(
+    direct: list[dict[str, Any]],
+    proxy: list[dict[str, Any]],
+    key: str,
+    op: Callable[[float, float], float],
+) -> float:
     """Median over rounds of op(proxy, direct) for the rounds run back to back."""
     values = [op(p[key], d[key]) for d, p in zip(direct, proxy, strict=False)]
     return statistics.median(values) if values else float("nan")
@@ -693,8 +767,11 @@ def verdict(ok: bool, detail: str) -> str:
     return ("met" if ok else "MISSED") + (f" ({detail})" if detail else "")
 
 
-def build_table(results: dict[str, dict[str, list[dict[str, Any]]]], idle: dict[str, float],
-                chunks: int = FAST_CHUNKS) -> list[Row]:
+def build_table(
+    results: dict[str, dict[str, list[dict[str, Any]]]],
+    idle: dict[str, float],
+    chunks: int = FAST_CHUNKS,
+) -> list[Row]:
     rows: list[Row] = []
     R = results
 
@@ -702,48 +779,89 @@ def build_table(results: dict[str, dict[str, list[dict[str, Any]]]], idle: dict[
         d, p = R["a"]["direct"], R["a"]["inferbridge"]
         added = paired(d, p, "p50_us", _diff)
         rows += [
-            Row("(a) non-stream c=1: p50 latency (µs)", fmt(med(d, "p50_us")),
-                fmt(med(p, "p50_us")), f"+{fmt(added)} µs added",
+            Row(
+                "(a) non-stream c=1: p50 latency (µs)",
+                fmt(med(d, "p50_us")),
+                fmt(med(p, "p50_us")),
+                f"+{fmt(added)} µs added",
                 "added p50 <= 300 µs",
-                verdict(added <= 300, f"{added - 300:+,.0f} µs vs target")),
-            Row("(a) non-stream c=1: p99 latency (µs)", fmt(med(d, "p99_us")),
-                fmt(med(p, "p99_us")), f"+{fmt(paired(d, p, 'p99_us', _diff))} µs"),
-            Row("(a) CPU per request (µs; direct = upstream's)", fmt(med(d, "cpu_us"), 1),
-                fmt(med(p, "cpu_us"), 1), ""),
+                verdict(added <= 300, f"{added - 300:+,.0f} µs vs target"),
+            ),
+            Row(
+                "(a) non-stream c=1: p99 latency (µs)",
+                fmt(med(d, "p99_us")),
+                fmt(med(p, "p99_us")),
+                f"+{fmt(paired(d, p, 'p99_us', _diff))} µs",
+            ),
+            Row(
+                "(a) CPU per request (µs; direct = upstream's)",
+                fmt(med(d, "cpu_us"), 1),
+                fmt(med(p, "cpu_us"), 1),
+                "",
+            ),
         ]
     if "b" in R:
         d, p = R["b"]["direct"], R["b"]["inferbridge"]
         rps = med(p, "rps")
         rows += [
-            Row("(b) non-stream c=64: requests/s", fmt(med(d, "rps")), fmt(rps),
-                f"{paired(d, p, 'rps', _ratio):.2f}x", ">= 5,000 req/s",
-                verdict(rps >= 5000, f"{rps / 5000 - 1:+.0%} vs target")),
-            Row("(b) non-stream c=64: p50 / p99 latency (ms)",
+            Row(
+                "(b) non-stream c=64: requests/s",
+                fmt(med(d, "rps")),
+                fmt(rps),
+                f"{paired(d, p, 'rps', _ratio):.2f}x",
+                ">= 5,000 req/s",
+                verdict(rps >= 5000, f"{rps / 5000 - 1:+.0%} vs target"),
+            ),
+            Row(
+                "(b) non-stream c=64: p50 / p99 latency (ms)",
                 f"{fmt(med(d, 'p50_us') / 1000, 2)} / {fmt(med(d, 'p99_us') / 1000, 2)}",
                 f"{fmt(med(p, 'p50_us') / 1000, 2)} / {fmt(med(p, 'p99_us') / 1000, 2)}",
-                f"{paired(d, p, 'p50_us', _ratio):.2f}x p50"),
-            Row("(b) CPU per request (µs; direct = upstream's)", fmt(med(d, "cpu_us"), 1),
+                f"{paired(d, p, 'p50_us', _ratio):.2f}x p50",
+            ),
+            Row(
+                "(b) CPU per request (µs; direct = upstream's)",
+                fmt(med(d, "cpu_us"), 1),
                 fmt(med(p, "cpu_us"), 1),
                 f"proxy core {med(p, 'proxy_busy'):.0%} busy, "
-                f"load core {med(p, 'load_core_busy'):.0%}"),
-            Row("(b) capacity of one proxy core (1e6 / CPU per request, req/s)",
-                fmt(1e6 / med(d, "cpu_us")), fmt(1e6 / med(p, "cpu_us")), "derived"),
-            Row("(b) errors (non-2xx, socket)", fmt(sum(r["errors"] for r in d)),
-                fmt(sum(r["errors"] for r in p)), ""),
+                f"load core {med(p, 'load_core_busy'):.0%}",
+            ),
+            Row(
+                "(b) capacity of one proxy core (1e6 / CPU per request, req/s)",
+                fmt(1e6 / med(d, "cpu_us")),
+                fmt(1e6 / med(p, "cpu_us")),
+                "derived",
+            ),
+            Row(
+                "(b) errors (non-2xx, socket)",
+                fmt(sum(r["errors"] for r in d)),
+                fmt(sum(r["errors"] for r in p)),
+                "",
+            ),
         ]
     if "c" in R:
         d, p = R["c"]["direct"], R["c"]["inferbridge"]
         added = paired(d, p, "total_p50_us", _diff)
         rows += [
-            Row(f"(c) stream {chunks} chunks c=1: time to first chunk p50 (µs)",
-                fmt(med(d, "ttfc_p50_us")), fmt(med(p, "ttfc_p50_us")),
-                f"+{fmt(paired(d, p, 'ttfc_p50_us', _diff))} µs"),
-            Row(f"(c) stream {chunks} chunks c=1: total p50 (µs)", fmt(med(d, "total_p50_us")),
-                fmt(med(p, "total_p50_us")), f"+{fmt(added)} µs added",
+            Row(
+                f"(c) stream {chunks} chunks c=1: time to first chunk p50 (µs)",
+                fmt(med(d, "ttfc_p50_us")),
+                fmt(med(p, "ttfc_p50_us")),
+                f"+{fmt(paired(d, p, 'ttfc_p50_us', _diff))} µs",
+            ),
+            Row(
+                f"(c) stream {chunks} chunks c=1: total p50 (µs)",
+                fmt(med(d, "total_p50_us")),
+                fmt(med(p, "total_p50_us")),
+                f"+{fmt(added)} µs added",
                 "added total p50 <= 400 µs",
-                verdict(added <= 400, f"{added - 400:+,.0f} µs vs target")),
-            Row("(c) CPU per chunk (µs; direct = upstream's)", fmt(med(d, "cpu_us"), 2),
-                fmt(med(p, "cpu_us"), 2), ""),
+                verdict(added <= 400, f"{added - 400:+,.0f} µs vs target"),
+            ),
+            Row(
+                "(c) CPU per chunk (µs; direct = upstream's)",
+                fmt(med(d, "cpu_us"), 2),
+                fmt(med(p, "cpu_us"), 2),
+                "",
+            ),
         ]
     if "d" in R:
         d, p = R["d"]["direct"], R["d"]["inferbridge"]
@@ -751,20 +869,36 @@ def build_table(results: dict[str, dict[str, list[dict[str, Any]]]], idle: dict[
         intact_p = sum(r["intact"] for r in p)
         total_p = sum(r["streams"] for r in p)
         rows += [
-            Row("(d) stream c=64: streams/s", fmt(med(d, "streams_s")),
-                fmt(med(p, "streams_s")), f"{paired(d, p, 'streams_s', _ratio):.2f}x"),
-            Row("(d) stream c=64: chunks/s", fmt(med(d, "chunks_s")),
-                fmt(med(p, "chunks_s")), f"{paired(d, p, 'chunks_s', _ratio):.2f}x"),
-            Row("(d) CPU per streamed chunk (µs; direct = upstream's)",
-                fmt(med(d, "cpu_us"), 2), fmt(cpu, 2),
+            Row(
+                "(d) stream c=64: streams/s",
+                fmt(med(d, "streams_s")),
+                fmt(med(p, "streams_s")),
+                f"{paired(d, p, 'streams_s', _ratio):.2f}x",
+            ),
+            Row(
+                "(d) stream c=64: chunks/s",
+                fmt(med(d, "chunks_s")),
+                fmt(med(p, "chunks_s")),
+                f"{paired(d, p, 'chunks_s', _ratio):.2f}x",
+            ),
+            Row(
+                "(d) CPU per streamed chunk (µs; direct = upstream's)",
+                fmt(med(d, "cpu_us"), 2),
+                fmt(cpu, 2),
                 f"proxy core {med(p, 'proxy_busy'):.0%} busy, "
                 f"load core {med(p, 'load_core_busy'):.0%}",
                 "<= 10 µs/chunk, valid chunks",
-                verdict(cpu <= 10 and intact_p == total_p,
-                        f"{cpu / 10:.1f}x the target" if cpu > 10 else "")),
-            Row("(d) streams intact (all rounds)",
+                verdict(
+                    cpu <= 10 and intact_p == total_p,
+                    f"{cpu / 10:.1f}x the target" if cpu > 10 else "",
+                ),
+            ),
+            Row(
+                "(d) streams intact (all rounds)",
                 f"{sum(r['intact'] for r in d):,}/{sum(r['streams'] for r in d):,}",
-                f"{intact_p:,}/{total_p:,}", ""),
+                f"{intact_p:,}/{total_p:,}",
+                "",
+            ),
         ]
     if "e" in R:
         d, p = R["e"]["direct"], R["e"]["inferbridge"]
@@ -772,22 +906,49 @@ def build_table(results: dict[str, dict[str, list[dict[str, Any]]]], idle: dict[
         peak = max(r["peak_rss_mb"] for r in p)
         intact = min(r["intact"] for r in p)
         rows += [
-            Row("(e) 1,000 slow streams: intact (worst round)",
-                f"{min(r['intact'] for r in d):,}/1,000", f"{intact:,}/1,000", "",
-                "1,000/1,000", verdict(intact == SLOW_STREAMS, "")),
-            Row("(e) 1,000 slow streams: wall time (s)", fmt(med(d, "wall_s"), 3),
-                fmt(med(p, "wall_s"), 3), f"{ratio:.3f}x", "<= 1.0x direct",
-                verdict(ratio <= 1.0, f"{ratio - 1:+.1%}" if ratio > 1.0 else "")),
-            Row("(e) proxy peak RSS (MB, worst round)", "", fmt(peak, 1), "",
-                "<= 100 MB", verdict(peak <= 100, f"{peak - 100:+.0f} MB vs target")),
-            Row("(e) CPU per chunk, 50 ms apart, incl. 1,000 connects (µs)",
-                fmt(med(d, "cpu_us"), 2), fmt(med(p, "cpu_us"), 2), ""),
+            Row(
+                "(e) 1,000 slow streams: intact (worst round)",
+                f"{min(r['intact'] for r in d):,}/1,000",
+                f"{intact:,}/1,000",
+                "",
+                "1,000/1,000",
+                verdict(intact == SLOW_STREAMS, ""),
+            ),
+            Row(
+                "(e) 1,000 slow streams: wall time (s)",
+                fmt(med(d, "wall_s"), 3),
+                fmt(med(p, "wall_s"), 3),
+                f"{ratio:.3f}x",
+                "<= 1.0x direct",
+                verdict(ratio <= 1.0, f"{ratio - 1:+.1%}" if ratio > 1.0 else ""),
+            ),
+            Row(
+                "(e) proxy peak RSS (MB, worst round)",
+                "",
+                fmt(peak, 1),
+                "",
+                "<= 100 MB",
+                verdict(peak <= 100, f"{peak - 100:+.0f} MB vs target"),
+            ),
+            Row(
+                "(e) CPU per chunk, 50 ms apart, incl. 1,000 connects (µs)",
+                fmt(med(d, "cpu_us"), 2),
+                fmt(med(p, "cpu_us"), 2),
+                "",
+            ),
         ]
     if idle:
         rss = idle["rss_mb"]
-        rows.append(Row("(f) idle RSS after start (MB)", fmt(idle.get("upstream_mb", 0), 1),
-                        fmt(rss, 1), "", "<= 60 MB",
-                        verdict(rss <= 60, f"{rss - 60:+.1f} MB vs target")))
+        rows.append(
+            Row(
+                "(f) idle RSS after start (MB)",
+                fmt(idle.get("upstream_mb", 0), 1),
+                fmt(rss, 1),
+                "",
+                "<= 60 MB",
+                verdict(rss <= 60, f"{rss - 60:+.1f} MB vs target"),
+            )
+        )
     if "b2" in R and "b" in R:
         d, p = R["b2"]["direct"], R["b2"]["inferbridge"]
         w1 = med(R["b"]["inferbridge"], "rps")
@@ -797,27 +958,50 @@ def build_table(results: dict[str, dict[str, list[dict[str, Any]]]], idle: dict[
         per_core_2 = w2 / max(med(p, "proxy_busy"), 1e-9)
         efficiency = per_core_2 / per_core_1
         rows += [
-            Row("(g) --workers 2, non-stream c=64: requests/s", fmt(med(d, "rps")), fmt(w2),
-                f"{scale:.2f}x one worker", ">= 1.7x one worker",
-                verdict(scale >= 1.7, f"{scale - 1.7:+.2f}x vs target")),
-            Row("(g) --workers 2: proxy cores busy / req/s per busy core",
-                "", f"{med(p, 'proxy_busy'):.2f} / {fmt(per_core_2)}",
-                f"one worker: {med(R['b']['inferbridge'], 'proxy_busy'):.2f} / "
-                f"{fmt(per_core_1)}"),
-            Row("(g) --workers 2: per-core efficiency vs one worker (derived)", "",
-                f"{efficiency:.0%}", f"2 free cores would give ~{2 * efficiency:.2f}x"),
-            Row("(g) --workers 2: CPU per request (µs)", "", fmt(med(p, "cpu_us"), 1),
-                f"one worker: {fmt(med(R['b']['inferbridge'], 'cpu_us'), 1)}"),
+            Row(
+                "(g) --workers 2, non-stream c=64: requests/s",
+                fmt(med(d, "rps")),
+                fmt(w2),
+                f"{scale:.2f}x one worker",
+                ">= 1.7x one worker",
+                verdict(scale >= 1.7, f"{scale - 1.7:+.2f}x vs target"),
+            ),
+            Row(
+                "(g) --workers 2: proxy cores busy / req/s per busy core",
+                "",
+                f"{med(p, 'proxy_busy'):.2f} / {fmt(per_core_2)}",
+                f"one worker: {med(R['b']['inferbridge'], 'proxy_busy'):.2f} / {fmt(per_core_1)}",
+            ),
+            Row(
+                "(g) --workers 2: per-core efficiency vs one worker (derived)",
+                "",
+                f"{efficiency:.0%}",
+                f"2 free cores would give ~{2 * efficiency:.2f}x",
+            ),
+            Row(
+                "(g) --workers 2: CPU per request (µs)",
+                "",
+                fmt(med(p, "cpu_us"), 1),
+                f"one worker: {fmt(med(R['b']['inferbridge'], 'cpu_us'), 1)}",
+            ),
         ]
     if "d2" in R and "d" in R:
         d, p = R["d2"]["direct"], R["d2"]["inferbridge"]
         w1 = med(R["d"]["inferbridge"], "chunks_s")
         w2 = med(p, "chunks_s")
         rows += [
-            Row("(g) --workers 2, stream c=64: chunks/s", fmt(med(d, "chunks_s")), fmt(w2),
-                f"{w2 / w1:.2f}x one worker" if w1 else ""),
-            Row("(g) --workers 2: CPU per chunk (µs)", "", fmt(med(p, "cpu_us"), 2),
-                f"one worker: {fmt(med(R['d']['inferbridge'], 'cpu_us'), 2)}"),
+            Row(
+                "(g) --workers 2, stream c=64: chunks/s",
+                fmt(med(d, "chunks_s")),
+                fmt(w2),
+                f"{w2 / w1:.2f}x one worker" if w1 else "",
+            ),
+            Row(
+                "(g) --workers 2: CPU per chunk (µs)",
+                "",
+                fmt(med(p, "cpu_us"), 2),
+                f"one worker: {fmt(med(R['d']['inferbridge'], 'cpu_us'), 2)}",
+            ),
         ]
     return rows
 
@@ -834,8 +1018,12 @@ def render(rows: list[Row]) -> str:
 # --------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------
-async def alternate(rounds: int, steps: list[tuple[str, Callable[[Target], Awaitable[None]]]],
-                    direct: Target, proxy: Target) -> None:
+async def alternate(
+    rounds: int,
+    steps: list[tuple[str, Callable[[Target], Awaitable[None]]]],
+    direct: Target,
+    proxy: Target,
+) -> None:
     for i in range(rounds):
         print(f"round {i + 1}/{rounds}", flush=True)
         for _, step in steps:
@@ -846,19 +1034,28 @@ async def alternate(rounds: int, steps: list[tuple[str, Callable[[Target], Await
 async def warm_up(bench: Bench, targets: list[Target]) -> None:
     for t in targets:
         await run_wrk(bench.wrk_script, t.fast_url, 64, 1)
-        await streams_for(t.fast_url, stream_body(t.fast_model),
-                          expected_text(bench.args.chunks),
-                          16, 0.5, 500)
+        await streams_for(
+            t.fast_url, stream_body(t.fast_model), expected_text(bench.args.chunks), 16, 0.5, 500
+        )
 
 
 async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> int:
     fast_port, slow_port = free_port(), free_port()
     up_log = tmp / "upstream.log"
     upstream = children.start(
-        ["taskset", "-c", str(LOAD_CORE), sys.executable, str(BENCH_DIR / "fake_upstream.py"),
-         "--listen", f"{fast_port}:{args.chunks}:0",
-         "--listen", f"{slow_port}:{SLOW_CHUNKS}:{SLOW_DELAY_MS}",
-         "--max-seconds", str(args.max_seconds)],
+        [
+            "taskset",
+            "-c",
+            str(LOAD_CORE),
+            sys.executable,
+            str(BENCH_DIR / "fake_upstream.py"),
+            "--listen",
+            f"{fast_port}:{args.chunks}:0",
+            "--listen",
+            f"{slow_port}:{SLOW_CHUNKS}:{SLOW_DELAY_MS}",
+            "--max-seconds",
+            str(args.max_seconds),
+        ],
         up_log,
     )
     await wait_ready(f"http://{HOST}:{fast_port}/health", upstream, up_log)
@@ -868,21 +1065,31 @@ async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> 
     src, source = source_tree(args, tmp)
     print(f"inferbridge from {source} ({src})", flush=True)
     bench = Bench(args, tmp, script, upstream, src, source, speed_check(), loadavg())
-    direct = Target("direct", f"http://{HOST}:{fast_port}/v1/chat/completions",
-                    f"http://{HOST}:{slow_port}/v1/chat/completions", upstream)
+    direct = Target(
+        "direct",
+        f"http://{HOST}:{fast_port}/v1/chat/completions",
+        f"http://{HOST}:{slow_port}/v1/chat/completions",
+        upstream,
+    )
 
     if args.soak:
         return await soak(bench, children, tmp, config, direct)
 
-    proxy_proc, port, log = start_proxy(children, tmp, config, 1, bench.src,
-                                            bench.args.proxy_env)
+    proxy_proc, port, log = start_proxy(children, tmp, config, 1, bench.src, bench.args.proxy_env)
     await wait_ready(f"http://{HOST}:{port}/health", proxy_proc, log)
-    proxy = Target("inferbridge", f"http://{HOST}:{port}/v1/chat/completions",
-                   f"http://{HOST}:{port}/v1/chat/completions", proxy_proc)
+    proxy = Target(
+        "inferbridge",
+        f"http://{HOST}:{port}/v1/chat/completions",
+        f"http://{HOST}:{port}/v1/chat/completions",
+        proxy_proc,
+    )
     await asyncio.sleep(1.0)
     idle = {"rss_mb": rss_mb([proxy_proc.pid]), "upstream_mb": rss_mb([upstream.pid])}
-    print(f"(f) idle RSS: inferbridge {idle['rss_mb']:.1f} MB "
-          f"(fake upstream {idle['upstream_mb']:.1f} MB)", flush=True)
+    print(
+        f"(f) idle RSS: inferbridge {idle['rss_mb']:.1f} MB "
+        f"(fake upstream {idle['upstream_mb']:.1f} MB)",
+        flush=True,
+    )
     await check_answers([direct, proxy])
     await warm_up(bench, [direct, proxy])
 
@@ -903,17 +1110,25 @@ async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> 
 
     if not args.skip_workers and (only is None or "g" in only):
         print("(g) restarting inferbridge with --workers 2", flush=True)
-        proxy2, port2, log2 = start_proxy(children, tmp, config, 2, bench.src,
-                                          bench.args.proxy_env)
+        proxy2, port2, log2 = start_proxy(children, tmp, config, 2, bench.src, bench.args.proxy_env)
         await wait_ready(f"http://{HOST}:{port2}/health", proxy2, log2)
         await asyncio.sleep(1.0)
-        p2 = Target("inferbridge", f"http://{HOST}:{port2}/v1/chat/completions",
-                    f"http://{HOST}:{port2}/v1/chat/completions", proxy2)
+        p2 = Target(
+            "inferbridge",
+            f"http://{HOST}:{port2}/v1/chat/completions",
+            f"http://{HOST}:{port2}/v1/chat/completions",
+            proxy2,
+        )
         await warm_up(bench, [p2])
-        await alternate(args.rounds, [
-            ("b2", lambda t: bench.nonstream("b2", t, 64)),
-            ("d2", lambda t: bench.stream("d2", t, 64)),
-        ], direct, p2)
+        await alternate(
+            args.rounds,
+            [
+                ("b2", lambda t: bench.nonstream("b2", t, 64)),
+                ("d2", lambda t: bench.stream("d2", t, 64)),
+            ],
+            direct,
+            p2,
+        )
         children.stop(proxy2)
 
     rows = build_table(bench.results, idle, args.chunks)
@@ -921,20 +1136,31 @@ async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> 
     speed = (bench.speed, speed_check())
     load = (bench.loadavg, loadavg())
     print()
-    print(f"inferbridge benchmark, {datetime.date.today()}, {bench.source}, {machine()}, "
-          f"{args.rounds} rounds x {args.seconds:g} s, medians")
-    print(f"core {PROXY_CORE} speed check (ns per loop, lower is faster): "
-          f"{speed[0]:.0f} before, {speed[1]:.0f} after; load average {load[0]} before, "
-          f"{load[1]} after")
+    print(
+        f"inferbridge benchmark, {datetime.date.today()}, {bench.source}, {machine()}, "
+        f"{args.rounds} rounds x {args.seconds:g} s, medians"
+    )
+    print(
+        f"core {PROXY_CORE} speed check (ns per loop, lower is faster): "
+        f"{speed[0]:.0f} before, {speed[1]:.0f} after; load average {load[0]} before, "
+        f"{load[1]} after"
+    )
     print(table)
     if args.json:
-        _write_json(args.json, {
-            "date": str(datetime.date.today()), "machine": machine(),
-            "source": bench.source, "args": vars(args), "speed_check_ns": speed,
-            "loadavg": load,
-            "idle": idle, "results": bench.results,
-            "table": [asdict(r) for r in rows],
-        })
+        _write_json(
+            args.json,
+            {
+                "date": str(datetime.date.today()),
+                "machine": machine(),
+                "source": bench.source,
+                "args": vars(args),
+                "speed_check_ns": speed,
+                "loadavg": load,
+                "idle": idle,
+                "results": bench.results,
+                "table": [asdict(r) for r in rows],
+            },
+        )
         print(f"raw results: {args.json}")
     return 0
 
@@ -949,17 +1175,40 @@ async def profile(bench: Bench, proxy: Target, out: Path) -> None:
     seconds = max(4, round(bench.args.seconds * 2))
     for name, load in (
         ("nonstream", lambda: run_wrk(bench.wrk_script, proxy.fast_url, 64, seconds + 2)),
-        ("stream", lambda: streams_for(proxy.fast_url, stream_body(proxy.fast_model),
-                                       expected_text(bench.args.chunks), 64, seconds + 2,
-                                       10**6)),
+        (
+            "stream",
+            lambda: streams_for(
+                proxy.fast_url,
+                stream_body(proxy.fast_model),
+                expected_text(bench.args.chunks),
+                64,
+                seconds + 2,
+                10**6,
+            ),
+        ),
     ):
         for fmt_name, suffix in (("raw", "txt"), ("flamegraph", "svg")):
             target = out / f"{name}.{suffix}"
-            cmd = ["taskset", "-c", str(LOAD_CORE), spy, "record", "--pid",
-                   str(proxy.proc.pid), "--duration", str(seconds), "--rate", "250",
-                   "--format", fmt_name, "-o", str(target)]
+            cmd = [
+                "taskset",
+                "-c",
+                str(LOAD_CORE),
+                spy,
+                "record",
+                "--pid",
+                str(proxy.proc.pid),
+                "--duration",
+                str(seconds),
+                "--rate",
+                "250",
+                "--format",
+                fmt_name,
+                "-o",
+                str(target),
+            ]
             spy_proc = await asyncio.create_subprocess_exec(
-                *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+                *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+            )
             try:
                 await load()
                 await asyncio.wait_for(spy_proc.wait(), timeout=seconds + 30)
@@ -973,26 +1222,28 @@ async def profile(bench: Bench, proxy: Target, out: Path) -> None:
 # --------------------------------------------------------------------------------------
 # Soak: flat memory under mixed load
 # --------------------------------------------------------------------------------------
-async def soak(bench: Bench, children: Children, tmp: Path, config: Path,
-               direct: Target) -> int:
+async def soak(bench: Bench, children: Children, tmp: Path, config: Path, direct: Target) -> int:
     minutes = bench.args.soak_minutes
     seconds = minutes * 60
     base_at = 60.0 if seconds >= 120 else seconds / 2
-    proxy_proc, port, log = start_proxy(children, tmp, config, 1, bench.src,
-                                            bench.args.proxy_env)
+    proxy_proc, port, log = start_proxy(children, tmp, config, 1, bench.src, bench.args.proxy_env)
     await wait_ready(f"http://{HOST}:{port}/health", proxy_proc, log)
     url = f"http://{HOST}:{port}/v1/chat/completions"
-    print(f"soak: {minutes:g} min of mixed load (wrk c=8 non-streamed; 8 streaming clients "
-          f"with 1 in 10 streams cut after the first chunk; 1 in 50 requests a 404; "
-          f"16 slow streams); baseline RSS at {base_at:.0f} s", flush=True)
+    print(
+        f"soak: {minutes:g} min of mixed load (wrk c=8 non-streamed; 8 streaming clients "
+        f"with 1 in 10 streams cut after the first chunk; 1 in 50 requests a 404; "
+        f"16 slow streams); baseline RSS at {base_at:.0f} s",
+        flush=True,
+    )
     start = time.perf_counter()
     deadline = start + seconds
     samples: list[tuple[float, float]] = []
     counts = {"streams": 0, "intact": 0, "aborted": 0, "not_found": 0, "broken": 0}
     body = stream_body("bench")
     slow_body = stream_body("bench-slow")
-    missing = orjson.dumps({"model": "no-such-model", "messages": [
-        {"role": "user", "content": "x"}]})
+    missing = orjson.dumps(
+        {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}
+    )
     fast_expected = expected_text(bench.args.chunks)
     slow_expected = expected_text(SLOW_CHUNKS)
 
@@ -1001,14 +1252,20 @@ async def soak(bench: Bench, children: Children, tmp: Path, config: Path,
         while time.perf_counter() < deadline:
             i += 1
             if not slow and i % 50 == 0:
-                async with session.post(url, data=missing,
-                                        headers={"Content-Type": "application/json"}) as r:
+                async with session.post(
+                    url, data=missing, headers={"Content-Type": "application/json"}
+                ) as r:
                     await r.read()
                     counts["not_found"] += r.status == 404
                 continue
             abort = not slow and i % 10 == 0
-            r = await stream_once(session, url, slow_body if slow else body,
-                                  slow_expected if slow else fast_expected, abort)
+            r = await stream_once(
+                session,
+                url,
+                slow_body if slow else body,
+                slow_expected if slow else fast_expected,
+                abort,
+            )
             counts["streams"] += 1
             counts["aborted"] += abort
             counts["intact"] += r.ok and not abort
@@ -1021,8 +1278,11 @@ async def soak(bench: Bench, children: Children, tmp: Path, config: Path,
 
     async with client_session(0) as session:
         wrk = asyncio.create_task(run_wrk(bench.wrk_script, url, 8, seconds))
-        await asyncio.gather(sampler(), *(streamer(session, False) for _ in range(8)),
-                             *(streamer(session, True) for _ in range(16)))
+        await asyncio.gather(
+            sampler(),
+            *(streamer(session, False) for _ in range(8)),
+            *(streamer(session, True) for _ in range(16)),
+        )
         result = await wrk
     await asyncio.sleep(1.0)
     samples.append((time.perf_counter() - start, rss_mb([proxy_proc.pid])))
@@ -1032,20 +1292,34 @@ async def soak(bench: Bench, children: Children, tmp: Path, config: Path,
     print()
     print(f"soak {datetime.date.today()}, {bench.source}, {machine()}, {minutes:g} min")
     print(f"non-streamed requests (wrk): {result['requests']:,}, errors {result['errors']}")
-    print(f"streams: {counts['streams']:,} ({counts['intact']:,} intact, "
-          f"{counts['aborted']:,} cut by the client, {counts['broken']} broken); "
-          f"404s: {counts['not_found']:,}")
-    print("RSS timeline (s, MB): " + ", ".join(
-        f"{t:.0f}:{m:.1f}" for t, m in samples[:: max(1, len(samples) // 12)]))
+    print(
+        f"streams: {counts['streams']:,} ({counts['intact']:,} intact, "
+        f"{counts['aborted']:,} cut by the client, {counts['broken']} broken); "
+        f"404s: {counts['not_found']:,}"
+    )
+    print(
+        "RSS timeline (s, MB): "
+        + ", ".join(f"{t:.0f}:{m:.1f}" for t, m in samples[:: max(1, len(samples) // 12)])
+    )
     ok = abs(growth) <= 0.10
-    print(f"| flat memory | RSS at {base[0]:.0f} s: {base[1]:.1f} MB | at {end[0]:.0f} s: "
-          f"{end[1]:.1f} MB | {growth:+.1%} | within 10% | {verdict(ok, '')} |")
+    print(
+        f"| flat memory | RSS at {base[0]:.0f} s: {base[1]:.1f} MB | at {end[0]:.0f} s: "
+        f"{end[1]:.1f} MB | {growth:+.1%} | within 10% | {verdict(ok, '')} |"
+    )
     children.stop(proxy_proc)
     if bench.args.json:
-        _write_json(bench.args.json, {
-            "date": str(datetime.date.today()), "machine": machine(), "minutes": minutes,
-            "samples": samples, "counts": counts, "wrk": result, "growth": growth,
-        })
+        _write_json(
+            bench.args.json,
+            {
+                "date": str(datetime.date.today()),
+                "machine": machine(),
+                "minutes": minutes,
+                "samples": samples,
+                "counts": counts,
+                "wrk": result,
+                "growth": growth,
+            },
+        )
     return 0 if counts["broken"] == 0 else 1
 
 
@@ -1065,8 +1339,12 @@ SPEED_CHECK = (
 def speed_check() -> float:
     """ns per iteration of a fixed pure-Python loop on the proxy's core (best of 5): a
     reading of how much CPU this machine gives right now (lower is faster)."""
-    out = subprocess.run(["taskset", "-c", str(PROXY_CORE), sys.executable, "-c", SPEED_CHECK],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["taskset", "-c", str(PROXY_CORE), sys.executable, "-c", SPEED_CHECK],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return float(out.strip())
 
 
@@ -1083,8 +1361,10 @@ def machine() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return (f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 async def stop_on_signals(run: Awaitable[int]) -> int:
@@ -1112,8 +1392,7 @@ async def stop_on_signals(run: Awaitable[int]) -> int:
 
 
 def _rerun_in_own_session(argv: list[str] | None) -> int:
-    cmd = [sys.executable, str(Path(__file__).resolve()),
-           *(sys.argv[1:] if argv is None else argv)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
     child = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
     try:
         return child.wait()
@@ -1124,37 +1403,61 @@ def _rerun_in_own_session(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="inferbridge benchmark (see bench/README.md)")
-    parser.add_argument("--quick", action="store_true",
-                        help="3 rounds of 2.5 s per phase (under 3 minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 rounds of 2.5 s per phase (under 3 minutes)"
+    )
     parser.add_argument("--rounds", type=int, help="rounds per phase (default 5; quick 3)")
-    parser.add_argument("--seconds", type=float,
-                        help="length of each timed phase (default 8; quick 2.5)")
-    parser.add_argument("--chunks", type=int, default=FAST_CHUNKS,
-                        help=f"content chunks per stream in (c), (d) and the soak (default "
-                             f"{FAST_CHUNKS}); compare two values to split CPU per chunk into "
-                             "per-stream and per-chunk parts")
-    parser.add_argument("--only", nargs="+", choices=list("abcdeg"),
-                        help="run only these phases")
+    parser.add_argument(
+        "--seconds", type=float, help="length of each timed phase (default 8; quick 2.5)"
+    )
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        default=FAST_CHUNKS,
+        help=f"content chunks per stream in (c), (d) and the soak (default "
+        f"{FAST_CHUNKS}); compare two values to split CPU per chunk into "
+        "per-stream and per-chunk parts",
+    )
+    parser.add_argument("--only", nargs="+", choices=list("abcdeg"), help="run only these phases")
     parser.add_argument("--skip-workers", action="store_true", help="skip (g)")
-    parser.add_argument("--soak", action="store_true",
-                        help="only the flat-memory soak: RSS after N minutes of mixed load "
-                             "vs after 1 minute")
+    parser.add_argument(
+        "--soak",
+        action="store_true",
+        help="only the flat-memory soak: RSS after N minutes of mixed load vs after 1 minute",
+    )
     parser.add_argument("--soak-minutes", type=float, default=10.0)
-    parser.add_argument("--profile", metavar="DIR",
-                        help="also record py-spy profiles of the proxy under (b)/(d) load")
-    parser.add_argument("--commit", metavar="REV",
-                        help="benchmark this commit's src/ (exported) instead of the working "
-                             "tree's")
-    parser.add_argument("--server-option", action="append", metavar="KEY=VALUE",
-                        help="extra server: setting for the proxy's config, e.g. "
-                             "access_log=false (repeatable; for A/B comparisons)")
-    parser.add_argument("--proxy-env", action="append", metavar="KEY=VALUE",
-                        help="environment variable for the proxy (repeatable); a PYTHONPATH "
-                             "given here goes before src/, e.g. for an experiment's "
-                             "sitecustomize.py")
-    parser.add_argument("--nice", type=int, default=0,
-                        help="run every benchmark process at this nice value (e.g. -10 as "
-                             "root on a machine shared with other work; default 0)")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also record py-spy profiles of the proxy under (b)/(d) load",
+    )
+    parser.add_argument(
+        "--commit",
+        metavar="REV",
+        help="benchmark this commit's src/ (exported) instead of the working tree's",
+    )
+    parser.add_argument(
+        "--server-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra server: setting for the proxy's config, e.g. "
+        "access_log=false (repeatable; for A/B comparisons)",
+    )
+    parser.add_argument(
+        "--proxy-env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="environment variable for the proxy (repeatable); a PYTHONPATH "
+        "given here goes before src/, e.g. for an experiment's "
+        "sitecustomize.py",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run every benchmark process at this nice value (e.g. -10 as "
+        "root on a machine shared with other work; default 0)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write the raw per-round results")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 5)

@@ -28,7 +28,11 @@ def serve() -> Iterator[Callable[..., InferbridgeServer]]:
 @pytest.fixture(scope="module")
 def echo_server() -> Iterator[InferbridgeServer]:
     with InferbridgeServer(
-        {"models": [{"name": "echo", "backend": "echo"},
-                    {"name": "slow-echo", "backend": "echo", "delay": 0.05}]}
+        {
+            "models": [
+                {"name": "echo", "backend": "echo"},
+                {"name": "slow-echo", "backend": "echo", "delay": 0.05},
+            ]
+        }
     ) as server:
         yield server

@@ -1,7 +1,7 @@
 """Runs a real inferbridge server (uvicorn, uvloop, httptools) on a free 127.0.0.1 port.
 
-    with InferbridgeServer({"models": [{"name": "m", "backend": "echo"}]}) as srv:
-        client = srv.openai()          # the official SDK, pointed at srv.base_url
+with InferbridgeServer({"models": [{"name": "m", "backend": "echo"}]}) as srv:
+    client = srv.openai()          # the official SDK, pointed at srv.base_url
 """
 
 from __future__ import annotations

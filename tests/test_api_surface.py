@@ -11,28 +11,36 @@ USER = [{"role": "user", "content": "alpha beta gamma delta"}]
 
 def post(srv, path: str, body, **kw) -> httpx.Response:
     content = body if isinstance(body, bytes) else None
-    return httpx.post(srv.url + path, json=None if content else body, content=content,
-                      timeout=10, **kw)
+    return httpx.post(
+        srv.url + path, json=None if content else body, content=content, timeout=10, **kw
+    )
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    (b"{not json", None),
-    (b"[1, 2]", None),
-    ({"model": "echo", "messages": []}, "messages"),
-    ({"model": "echo"}, "messages"),
-    ({"messages": USER}, "model"),
-    ({"model": "echo", "messages": USER, "max_tokens": -1}, "max_tokens"),
-    ({"model": "echo", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ({"model": "echo", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-    ({"model": "echo", "messages": USER, "temperature": "hot"}, "temperature"),
-    ({"model": "echo", "messages": USER, "temperature": 3}, "temperature"),
-    ({"model": "echo", "messages": USER, "n": 0}, "n"),
-    ({"model": "echo", "messages": USER, "stream": "yes"}, "stream"),
-    ({"model": "echo", "messages": [{"role": "tool", "content": "x"}]},
-     "messages[0].tool_call_id"),
-    ({"model": "echo", "messages": USER, "response_format": {"type": "xml"}},
-     "response_format.type"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        ({"model": "echo", "messages": []}, "messages"),
+        ({"model": "echo"}, "messages"),
+        ({"messages": USER}, "model"),
+        ({"model": "echo", "messages": USER, "max_tokens": -1}, "max_tokens"),
+        ({"model": "echo", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"model": "echo", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"model": "echo", "messages": USER, "temperature": "hot"}, "temperature"),
+        ({"model": "echo", "messages": USER, "temperature": 3}, "temperature"),
+        ({"model": "echo", "messages": USER, "n": 0}, "n"),
+        ({"model": "echo", "messages": USER, "stream": "yes"}, "stream"),
+        (
+            {"model": "echo", "messages": [{"role": "tool", "content": "x"}]},
+            "messages[0].tool_call_id",
+        ),
+        (
+            {"model": "echo", "messages": USER, "response_format": {"type": "xml"}},
+            "response_format.type",
+        ),
+    ],
+)
 def test_bad_body_is_400_naming_the_field(echo_server, body, param):
     r = post(echo_server, "/v1/chat/completions", body)
     assert r.status_code == 400, r.text
@@ -58,20 +66,24 @@ def test_sdk_raises_bad_request(echo_server):
 
 
 def test_unsupported_parameter_is_400_unless_dropped(serve):
-    srv = serve({"models": [
-        {"name": "strict", "backend": "echo"},
-        {"name": "lenient", "backend": "echo", "drop_unsupported_params": True},
-    ]})
+    srv = serve(
+        {
+            "models": [
+                {"name": "strict", "backend": "echo"},
+                {"name": "lenient", "backend": "echo", "drop_unsupported_params": True},
+            ]
+        }
+    )
     client = srv.openai()
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="strict", messages=USER, logprobs=True)
     assert info.value.param == "logprobs"
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="strict", messages=USER,
-                                       extra_body={"top_k": 3})
+        client.chat.completions.create(model="strict", messages=USER, extra_body={"top_k": 3})
     assert info.value.param == "top_k"
-    r = client.chat.completions.create(model="lenient", messages=USER, logprobs=True,
-                                       extra_body={"top_k": 3})
+    r = client.chat.completions.create(
+        model="lenient", messages=USER, logprobs=True, extra_body={"top_k": 3}
+    )
     assert r.choices[0].message.content == "alpha beta gamma delta"
     # neutral values are not a use of an unsupported parameter
     client.chat.completions.create(model="strict", messages=USER, n=1, logprobs=False)
@@ -95,8 +107,9 @@ def test_n_fans_out_into_interleaved_choices(echo_server):
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert {c.message.content for c in r.choices} == {"alpha beta gamma delta"}
     assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == 4
-    chunks = list(client.chat.completions.create(
-        model="slow-echo", messages=USER, n=2, stream=True))
+    chunks = list(
+        client.chat.completions.create(model="slow-echo", messages=USER, n=2, stream=True)
+    )
     per_choice: dict[int, str] = {}
     for c in chunks:
         for ch in c.choices:
@@ -112,9 +125,17 @@ def test_completion_prompt_list(echo_server):
 
 
 def test_raw_stream_shape(echo_server):
-    with httpx.stream("POST", echo_server.base_url + "/chat/completions", timeout=10, json={
-        "model": "echo", "messages": USER, "stream": True,
-        "stream_options": {"include_usage": True}}) as r:
+    with httpx.stream(
+        "POST",
+        echo_server.base_url + "/chat/completions",
+        timeout=10,
+        json={
+            "model": "echo",
+            "messages": USER,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["cache-control"] == "no-cache"
@@ -123,6 +144,7 @@ def test_raw_stream_shape(echo_server):
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     import json
+
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     for chunk in chunks[:-1]:
         assert chunk["usage"] is None
@@ -144,21 +166,30 @@ def test_non_stream_shape_has_strict_client_fields(echo_server):
 
 
 def test_request_id_is_taken_from_the_client(echo_server):
-    r = post(echo_server, "/v1/chat/completions", {"model": "echo", "messages": USER},
-             headers={"x-request-id": "abc-123"})
+    r = post(
+        echo_server,
+        "/v1/chat/completions",
+        {"model": "echo", "messages": USER},
+        headers={"x-request-id": "abc-123"},
+    )
     assert r.headers["x-request-id"] == "abc-123"
 
 
 def test_body_over_the_limit_is_413(serve):
     srv = serve({"server": {"max_body_bytes": 1000}, "models": [{"name": "e", "backend": "echo"}]})
-    r = post(srv, "/v1/chat/completions",
-             {"model": "e", "messages": [{"role": "user", "content": "x" * 2000}]})
+    r = post(
+        srv,
+        "/v1/chat/completions",
+        {"model": "e", "messages": [{"role": "user", "content": "x" * 2000}]},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
 def test_api_keys(serve):
-    srv = serve({"auth": {"api_keys": ["sk-right"]},
-                 "models": [{"name": "e", "backend": "echo"}]}, api_key="sk-wrong")
+    srv = serve(
+        {"auth": {"api_keys": ["sk-right"]}, "models": [{"name": "e", "backend": "echo"}]},
+        api_key="sk-wrong",
+    )
     with pytest.raises(openai.AuthenticationError):
         srv.openai().chat.completions.create(model="e", messages=USER)
     with pytest.raises(openai.AuthenticationError):
@@ -171,9 +202,15 @@ def test_api_keys(serve):
 
 
 def test_models_list_and_retrieve(serve):
-    srv = serve({"models": [{"name": "meta-llama/Llama-3-8B", "backend": "echo"},
-                            {"name": "echo", "backend": "echo"},
-                            {"name": "echo", "backend": "echo"}]})
+    srv = serve(
+        {
+            "models": [
+                {"name": "meta-llama/Llama-3-8B", "backend": "echo"},
+                {"name": "echo", "backend": "echo"},
+                {"name": "echo", "backend": "echo"},
+            ]
+        }
+    )
     client = srv.openai()
     assert [m.id for m in client.models.list()] == ["meta-llama/Llama-3-8B", "echo"]
     assert client.models.retrieve("meta-llama/Llama-3-8B").id == "meta-llama/Llama-3-8B"

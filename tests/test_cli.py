@@ -17,28 +17,51 @@ from inferbridge.inference_server import InferenceServerError, parse_inference_s
 from tests.fakes.openai_compat import FakeOpenAI
 
 
-@pytest.mark.parametrize(("spec", "expected"), [
-    ("http://10.0.0.5:6112", {"backend": "tgi", "url": "http://10.0.0.5:6112"}),
-    ("vllm:10.0.0.5:5000", {"backend": "vllm", "url": "http://10.0.0.5:5000/v1"}),
-    ("vllm_chat:https://host/v1", {"backend": "vllm", "url": "https://host/v1"}),
-    ("vllm_chat:http://localhost:11434/v1/", {"backend": "vllm",
-                                             "url": "http://localhost:11434/v1"}),
-    ("openai_chat", {"backend": "openai", "api_key": "os.environ/OPENAI_API_KEY"}),
-    ("openai_azure_chat:my-dep:res.openai.azure.com:2024-02-01",
-     {"backend": "azure", "url": "https://res.openai.azure.com", "deployment": "my-dep",
-      "api_version": "2024-02-01"}),
-    ("openai_azure_chat:None:https://res.openai.azure.com::sk-1",
-     {"backend": "azure", "url": "https://res.openai.azure.com", "api_key": "sk-1"}),
-    ("replicate:a16z-infra/llama13b-v2-chat:df7690f1",
-     {"backend": "replicate", "version": "df7690f1"}),
-    ("replicate:meta/llama-3-8b", {"backend": "replicate", "model": "meta/llama-3-8b"}),
-    ("sagemaker_chat:my-endpoint:us-west-2",
-     {"backend": "sagemaker", "endpoint_name": "my-endpoint", "region": "us-west-2",
-      "payload": "messages"}),
-    ("sagemaker:my-endpoint", {"backend": "sagemaker", "endpoint_name": "my-endpoint",
-                               "payload": "tgi"}),
-    ("h2ogpt:http://10.0.0.9:7860", {"backend": "h2ogpt", "url": "http://10.0.0.9:7860"}),
-])
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("http://10.0.0.5:6112", {"backend": "tgi", "url": "http://10.0.0.5:6112"}),
+        ("vllm:10.0.0.5:5000", {"backend": "vllm", "url": "http://10.0.0.5:5000/v1"}),
+        ("vllm_chat:https://host/v1", {"backend": "vllm", "url": "https://host/v1"}),
+        (
+            "vllm_chat:http://localhost:11434/v1/",
+            {"backend": "vllm", "url": "http://localhost:11434/v1"},
+        ),
+        ("openai_chat", {"backend": "openai", "api_key": "os.environ/OPENAI_API_KEY"}),
+        (
+            "openai_azure_chat:my-dep:res.openai.azure.com:2024-02-01",
+            {
+                "backend": "azure",
+                "url": "https://res.openai.azure.com",
+                "deployment": "my-dep",
+                "api_version": "2024-02-01",
+            },
+        ),
+        (
+            "openai_azure_chat:None:https://res.openai.azure.com::sk-1",
+            {"backend": "azure", "url": "https://res.openai.azure.com", "api_key": "sk-1"},
+        ),
+        (
+            "replicate:a16z-infra/llama13b-v2-chat:df7690f1",
+            {"backend": "replicate", "version": "df7690f1"},
+        ),
+        ("replicate:meta/llama-3-8b", {"backend": "replicate", "model": "meta/llama-3-8b"}),
+        (
+            "sagemaker_chat:my-endpoint:us-west-2",
+            {
+                "backend": "sagemaker",
+                "endpoint_name": "my-endpoint",
+                "region": "us-west-2",
+                "payload": "messages",
+            },
+        ),
+        (
+            "sagemaker:my-endpoint",
+            {"backend": "sagemaker", "endpoint_name": "my-endpoint", "payload": "tgi"},
+        ),
+        ("h2ogpt:http://10.0.0.9:7860", {"backend": "h2ogpt", "url": "http://10.0.0.9:7860"}),
+    ],
+)
 def test_inference_server_strings(spec, expected, monkeypatch):
     entry = parse_inference_server(spec, "llama")
     for key, value in expected.items():
@@ -63,8 +86,13 @@ def _free_port() -> int:
 
 def _run(args: list[str]) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERBRIDGE_")}
-    return subprocess.Popen([sys.executable, "-m", "inferbridge", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "inferbridge", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_ready(port: int, proc: subprocess.Popen) -> None:
@@ -83,14 +111,25 @@ def _wait_ready(port: int, proc: subprocess.Popen) -> None:
 def test_serve_with_inference_server_string():
     with FakeOpenAI() as upstream:
         port = _free_port()
-        proc = _run(["serve", "--port", str(port), "--inference-server",
-                     f"vllm_chat:127.0.0.1:{upstream.port}", "--model", "upstream-model"])
+        proc = _run(
+            [
+                "serve",
+                "--port",
+                str(port),
+                "--inference-server",
+                f"vllm_chat:127.0.0.1:{upstream.port}",
+                "--model",
+                "upstream-model",
+            ]
+        )
         try:
             _wait_ready(port, proc)
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
-                                   max_retries=0)
+            client = openai.OpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0
+            )
             r = client.chat.completions.create(
-                model="upstream-model", messages=[{"role": "user", "content": "hi"}])
+                model="upstream-model", messages=[{"role": "user", "content": "hi"}]
+            )
             assert r.choices[0].message.content == "Hello from upstream"
         finally:
             proc.terminate()
@@ -99,8 +138,9 @@ def test_serve_with_inference_server_string():
 
 def test_serve_with_config_file_and_two_workers(tmp_path):
     config = tmp_path / "inferbridge.yaml"
-    config.write_text("auth:\n  api_keys: [os.environ/IB_CLI_KEY]\n"
-                      "models:\n  - name: demo\n    backend: echo\n")
+    config.write_text(
+        "auth:\n  api_keys: [os.environ/IB_CLI_KEY]\nmodels:\n  - name: demo\n    backend: echo\n"
+    )
     port = _free_port()
     env_key = {"IB_CLI_KEY": "sk-cli"}
     os.environ.update(env_key)
@@ -110,11 +150,13 @@ def test_serve_with_config_file_and_two_workers(tmp_path):
         os.environ.pop("IB_CLI_KEY")
     try:
         _wait_ready(port, proc)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-cli",
-                               max_retries=0)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-cli", max_retries=0
+        )
         for _ in range(4):
             r = client.chat.completions.create(
-                model="demo", messages=[{"role": "user", "content": "two workers"}])
+                model="demo", messages=[{"role": "user", "content": "two workers"}]
+            )
             assert r.choices[0].message.content == "two workers"
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         assert 'inferbridge_requests_total{backend="echo"' in metrics

@@ -13,12 +13,17 @@ def test_default_is_the_echo_model():
 
 def test_errors_name_the_entry_and_field():
     with pytest.raises(ConfigError) as info:
-        load_config(data={"models": [
-            {"name": "a", "backend": "echo", "timout": 3},
-            {"name": "b", "backend": "vllm"},
-            {"name": "c", "backend": "nope"},
-            {"name": "d", "backend": "echo", "timeout": "soon"},
-        ]}, environ={})
+        load_config(
+            data={
+                "models": [
+                    {"name": "a", "backend": "echo", "timout": 3},
+                    {"name": "b", "backend": "vllm"},
+                    {"name": "c", "backend": "nope"},
+                    {"name": "d", "backend": "echo", "timeout": "soon"},
+                ]
+            },
+            environ={},
+        )
     text = str(info.value)
     assert "models[0] (a): timout" in text
     assert "models[1] (b): url" in text
@@ -45,8 +50,11 @@ def test_env_references_resolve_and_missing_ones_fail(monkeypatch, tmp_path):
 def test_env_and_cli_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("server: {port: 6000, host: 0.0.0.0}\n")
-    cfg = load_config(path, environ={"INFERBRIDGE_PORT": "7000", "INFERBRIDGE_API_KEYS": "a,b"},
-                      overrides={"server": {"host": "127.0.0.2"}})
+    cfg = load_config(
+        path,
+        environ={"INFERBRIDGE_PORT": "7000", "INFERBRIDGE_API_KEYS": "a,b"},
+        overrides={"server": {"host": "127.0.0.2"}},
+    )
     assert cfg.server.port == 7000 and cfg.server.host == "127.0.0.2"
     assert cfg.auth.api_keys == ["a", "b"]
 

@@ -4,7 +4,7 @@ from inferbridge.decoders import NDJSONDecoder, SSEDecoder
 
 STREAM = (
     b": keep-alive\r\n\r\n"
-    b"event: output\r\nid: 1\r\ndata: {\"a\": \"h\\u00e9\"}\r\n\r\n"
+    b'event: output\r\nid: 1\r\ndata: {"a": "h\\u00e9"}\r\n\r\n'
     b"data: line one\ndata: line two\n\n"
     b"retry: 10\ndata:no-space\n\n"
     b"data: [DONE]\n\n"
@@ -15,7 +15,7 @@ def decode_in_pieces(size: int) -> list[tuple]:
     dec = SSEDecoder()
     out = []
     for i in range(0, len(STREAM), size):
-        out += dec.feed(STREAM[i:i + size])
+        out += dec.feed(STREAM[i : i + size])
     out += dec.flush()
     return [(e.event, e.id, e.data) for e in out]
 
@@ -45,6 +45,6 @@ def test_ndjson_splits_and_skips_blank_lines():
         dec = NDJSONDecoder()
         lines = []
         for i in range(0, len(blob), size):
-            lines += dec.feed(blob[i:i + size])
+            lines += dec.feed(blob[i : i + size])
         lines += dec.flush()
         assert [line.strip() for line in lines] == [b'{"a":1}', b'{"b":2}', b'{"c":3}']

@@ -22,10 +22,20 @@ def upstream():
 
 @pytest.fixture
 def proxy(serve, upstream):
-    return serve({"models": [{
-        "name": "mistral", "backend": "vllm", "url": upstream.url + "/v1",
-        "upstream_model": "upstream-model", "api_key": "sk-upstream", "timeout": 5,
-    }]})
+    return serve(
+        {
+            "models": [
+                {
+                    "name": "mistral",
+                    "backend": "vllm",
+                    "url": upstream.url + "/v1",
+                    "upstream_model": "upstream-model",
+                    "api_key": "sk-upstream",
+                    "timeout": 5,
+                }
+            ]
+        }
+    )
 
 
 def test_chat_non_stream_rewrites_model_and_relays_usage(proxy, upstream):
@@ -42,13 +52,17 @@ def test_chat_non_stream_rewrites_model_and_relays_usage(proxy, upstream):
 
 def test_chat_stream_relays_chunks_and_asks_for_usage(proxy, upstream):
     stream = proxy.openai().chat.completions.create(
-        model="mistral", messages=MESSAGES, stream=True,
+        model="mistral",
+        messages=MESSAGES,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
-        "Hello from upstream"
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == "Hello from upstream"
+    )
     finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert [c.choices[0].finish_reason for c in finals] == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 10
@@ -58,16 +72,22 @@ def test_chat_stream_relays_chunks_and_asks_for_usage(proxy, upstream):
 
 
 def test_stream_without_usage_request_has_no_usage_chunk(proxy, upstream):
-    chunks = list(proxy.openai().chat.completions.create(
-        model="mistral", messages=MESSAGES, stream=True))
+    chunks = list(
+        proxy.openai().chat.completions.create(model="mistral", messages=MESSAGES, stream=True)
+    )
     assert all(c.choices for c in chunks)
     assert "stream_options" not in upstream.requests[-1].json
 
 
 def test_extras_and_openai_fields_are_relayed(proxy, upstream):
     proxy.openai().chat.completions.create(
-        model="mistral", messages=MESSAGES, temperature=0.2, seed=3, stop="END",
-        max_completion_tokens=20, logit_bias={"42": 5},
+        model="mistral",
+        messages=MESSAGES,
+        temperature=0.2,
+        seed=3,
+        stop="END",
+        max_completion_tokens=20,
+        logit_bias={"42": 5},
         extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1},
     )
     body = upstream.requests[-1].json
@@ -77,9 +97,19 @@ def test_extras_and_openai_fields_are_relayed(proxy, upstream):
 
 
 def test_entry_params_are_defaults_the_client_overrides(serve, upstream):
-    srv = serve({"models": [{"name": "m", "backend": "vllm", "url": upstream.url + "/v1",
-                             "upstream_model": "upstream-model",
-                             "params": {"max_tokens": 512, "temperature": 0.1}}]})
+    srv = serve(
+        {
+            "models": [
+                {
+                    "name": "m",
+                    "backend": "vllm",
+                    "url": upstream.url + "/v1",
+                    "upstream_model": "upstream-model",
+                    "params": {"max_tokens": 512, "temperature": 0.1},
+                }
+            ]
+        }
+    )
     srv.openai().chat.completions.create(model="m", messages=MESSAGES, temperature=0.9)
     body = upstream.requests[-1].json
     assert body["max_tokens"] == 512 and body["temperature"] == 0.9
@@ -102,11 +132,14 @@ def test_streamed_tool_calls_keep_index_id_and_fragments(proxy, upstream):
         {"id": "call_a", "name": "get_weather", "arguments": '{"city": "Paris"}'},
         {"id": "call_b", "name": "get_time", "arguments": '{"tz": "CET"}'},
     ]
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}},
-             {"type": "function", "function": {"name": "get_time", "parameters": {}}}]
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {}}},
+    ]
     client = proxy.openai()
-    chunks = list(client.chat.completions.create(
-        model="mistral", messages=MESSAGES, tools=tools, stream=True))
+    chunks = list(
+        client.chat.completions.create(model="mistral", messages=MESSAGES, tools=tools, stream=True)
+    )
     calls: dict[int, dict] = {}
     for c in chunks:
         for tc in (c.choices[0].delta.tool_calls or []) if c.choices else []:
@@ -114,13 +147,17 @@ def test_streamed_tool_calls_keep_index_id_and_fragments(proxy, upstream):
             slot["id"] = tc.id or slot["id"]
             slot["name"] += tc.function.name or ""
             slot["args"] += tc.function.arguments or ""
-    assert calls == {0: {"id": "call_a", "name": "get_weather", "args": '{"city": "Paris"}'},
-                     1: {"id": "call_b", "name": "get_time", "args": '{"tz": "CET"}'}}
+    assert calls == {
+        0: {"id": "call_a", "name": "get_weather", "args": '{"city": "Paris"}'},
+        1: {"id": "call_b", "name": "get_time", "args": '{"tz": "CET"}'},
+    }
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert upstream.requests[-1].json["tools"] == tools
     r = client.chat.completions.create(model="mistral", messages=MESSAGES, tools=tools)
-    assert [t.function.arguments for t in r.choices[0].message.tool_calls] == \
-        ['{"city": "Paris"}', '{"tz": "CET"}']
+    assert [t.function.arguments for t in r.choices[0].message.tool_calls] == [
+        '{"city": "Paris"}',
+        '{"tz": "CET"}',
+    ]
     assert r.choices[0].finish_reason == "tool_calls"
 
 
@@ -130,16 +167,23 @@ def test_stream_split_at_awkward_byte_boundaries(proxy, upstream):
     text = "".join(
         c.choices[0].delta.content or ""
         for c in proxy.openai().chat.completions.create(
-            model="mistral", messages=MESSAGES, stream=True) if c.choices
+            model="mistral", messages=MESSAGES, stream=True
+        )
+        if c.choices
     )
     assert text == "naïve café 😀 done"
 
 
 def test_upstream_4xx_is_relayed_with_status_and_message(proxy, upstream):
     upstream.behaviour.status = 400
-    upstream.behaviour.error_body = {"error": {
-        "message": "This model's maximum context length is 4096 tokens.",
-        "type": "BadRequestError", "param": None, "code": 400}}
+    upstream.behaviour.error_body = {
+        "error": {
+            "message": "This model's maximum context length is 4096 tokens.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    }
     with pytest.raises(openai.BadRequestError) as info:
         proxy.openai().chat.completions.create(model="mistral", messages=MESSAGES)
     assert "maximum context length" in info.value.message
@@ -149,8 +193,13 @@ def test_upstream_4xx_is_relayed_with_status_and_message(proxy, upstream):
 
 def test_upstream_flat_vllm_error_is_read(proxy, upstream):
     upstream.behaviour.status = 400
-    upstream.behaviour.error_body = {"object": "error", "message": "bad stop", "type":
-                                     "BadRequestError", "param": None, "code": 400}
+    upstream.behaviour.error_body = {
+        "object": "error",
+        "message": "bad stop",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
     with pytest.raises(openai.BadRequestError, match="bad stop"):
         proxy.openai().chat.completions.create(model="mistral", messages=MESSAGES, stream=True)
 
@@ -167,8 +216,9 @@ def test_upstream_down_is_502(serve):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = serve({"models": [{"name": "m", "backend": "vllm",
-                             "url": f"http://127.0.0.1:{port}/v1"}]})
+    srv = serve(
+        {"models": [{"name": "m", "backend": "vllm", "url": f"http://127.0.0.1:{port}/v1"}]}
+    )
     for stream in (False, True):
         with pytest.raises(openai.InternalServerError) as info:
             srv.openai().chat.completions.create(model="m", messages=MESSAGES, stream=stream)
@@ -178,8 +228,19 @@ def test_upstream_down_is_502(serve):
 
 def test_upstream_timeout_is_504(serve, upstream):
     upstream.behaviour.delay_first_byte = 2
-    srv = serve({"models": [{"name": "m", "backend": "vllm", "url": upstream.url + "/v1",
-                             "upstream_model": "upstream-model", "timeout": 0.3}]})
+    srv = serve(
+        {
+            "models": [
+                {
+                    "name": "m",
+                    "backend": "vllm",
+                    "url": upstream.url + "/v1",
+                    "upstream_model": "upstream-model",
+                    "timeout": 0.3,
+                }
+            ]
+        }
+    )
     with pytest.raises(openai.InternalServerError) as info:
         srv.openai().chat.completions.create(model="m", messages=MESSAGES)
     assert info.value.status_code == 504
@@ -187,8 +248,7 @@ def test_upstream_timeout_is_504(serve, upstream):
 
 def test_error_event_mid_stream_reaches_the_sdk(proxy, upstream):
     upstream.error_event_after = 1
-    stream = proxy.openai().chat.completions.create(
-        model="mistral", messages=MESSAGES, stream=True)
+    stream = proxy.openai().chat.completions.create(model="mistral", messages=MESSAGES, stream=True)
     got = []
     with pytest.raises(openai.APIError, match="engine died"):
         for chunk in stream:
@@ -199,8 +259,7 @@ def test_error_event_mid_stream_reaches_the_sdk(proxy, upstream):
 def test_connection_dropped_mid_stream_is_not_silent(proxy, upstream):
     upstream.behaviour.drop_after_chunks = 2
     upstream.reply = ["a", "b", "c", "d", "e"]
-    stream = proxy.openai().chat.completions.create(
-        model="mistral", messages=MESSAGES, stream=True)
+    stream = proxy.openai().chat.completions.create(model="mistral", messages=MESSAGES, stream=True)
     with pytest.raises(openai.APIError):
         list(stream)
 
@@ -209,10 +268,10 @@ def test_stream_is_not_buffered(proxy, upstream):
     upstream.behaviour.delay_between_chunks = 0.3
     upstream.reply = ["one", " two", " three"]
     start = time.monotonic()
-    stream = proxy.openai().chat.completions.create(
-        model="mistral", messages=MESSAGES, stream=True)
-    arrivals = [time.monotonic() - start for c in stream if c.choices and
-                c.choices[0].delta.content]
+    stream = proxy.openai().chat.completions.create(model="mistral", messages=MESSAGES, stream=True)
+    arrivals = [
+        time.monotonic() - start for c in stream if c.choices and c.choices[0].delta.content
+    ]
     # Upstream writes "one" at ~0.3 s and "three" at ~0.9 s: buffered relaying would
     # deliver all three together at the end.
     assert arrivals[0] < 0.8
@@ -222,10 +281,14 @@ def test_stream_is_not_buffered(proxy, upstream):
 def test_client_disconnect_closes_the_upstream_stream(proxy, upstream):
     upstream.behaviour.delay_between_chunks = 0.2
     upstream.reply = [f" t{i}" for i in range(50)]
-    with httpx.Client(timeout=10) as http, http.stream(
-        "POST", proxy.base_url + "/chat/completions",
-        json={"model": "mistral", "messages": MESSAGES, "stream": True},
-    ) as resp:
+    with (
+        httpx.Client(timeout=10) as http,
+        http.stream(
+            "POST",
+            proxy.base_url + "/chat/completions",
+            json={"model": "mistral", "messages": MESSAGES, "stream": True},
+        ) as resp,
+    ):
         lines = resp.iter_lines()
         assert next(lines).startswith("data: ")
     deadline = time.monotonic() + 3
@@ -239,10 +302,12 @@ async def test_health_check_lists_models(upstream):
     from inferbridge.backends.openai_compat import OpenAICompatBackend, OpenAICompatSettings
     from inferbridge.errors import UpstreamError
 
-    ok = OpenAICompatBackend(OpenAICompatSettings(name="m", backend="vllm",
-                                                  url=upstream.url + "/v1"))
-    down = OpenAICompatBackend(OpenAICompatSettings(name="m", backend="vllm",
-                                                    url=upstream.url + "/nothing"))
+    ok = OpenAICompatBackend(
+        OpenAICompatSettings(name="m", backend="vllm", url=upstream.url + "/v1")
+    )
+    down = OpenAICompatBackend(
+        OpenAICompatSettings(name="m", backend="vllm", url=upstream.url + "/nothing")
+    )
     for backend in (ok, down):
         await backend.start()
     try:

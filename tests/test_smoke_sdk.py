@@ -16,10 +16,14 @@ def test_chat_non_stream(echo_server):
 
 def test_chat_stream(echo_server):
     client = echo_server.openai()
-    chunks = list(client.chat.completions.create(
-        model="echo", messages=[{"role": "user", "content": "one two three"}], stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="echo",
+            messages=[{"role": "user", "content": "one two three"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "one two three"
@@ -30,4 +34,5 @@ def test_chat_stream(echo_server):
 def test_unknown_model(echo_server):
     with pytest.raises(openai.NotFoundError):
         echo_server.openai().chat.completions.create(
-            model="nope", messages=[{"role": "user", "content": "x"}])
+            model="nope", messages=[{"role": "user", "content": "x"}]
+        )

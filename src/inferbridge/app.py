@@ -78,8 +78,11 @@ class FrontDoor:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
-                log.info("inferbridge %s serving models: %s", __version__,
-                         ", ".join(gateway.router.models) or "(none)")
+                log.info(
+                    "inferbridge %s serving models: %s",
+                    __version__,
+                    ", ".join(gateway.router.models) or "(none)",
+                )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 try:

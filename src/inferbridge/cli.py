@@ -29,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument(
-        "--config", "-c", default=os.environ.get("INFERBRIDGE_CONFIG"),
+        "--config",
+        "-c",
+        default=os.environ.get("INFERBRIDGE_CONFIG"),
         help="YAML config file (default: $INFERBRIDGE_CONFIG; none: serve the 'echo' model)",
     )
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
@@ -37,11 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
-        "--drop-unsupported-params", action="store_true", default=None,
+        "--drop-unsupported-params",
+        action="store_true",
+        default=None,
         help="ignore parameters a backend does not support instead of answering 400",
     )
     serve.add_argument(
-        "--inference-server", metavar="SPEC",
+        "--inference-server",
+        metavar="SPEC",
         help="serve one backend given as an h2oGPT --inference_server string "
         "(e.g. vllm:host:port, http://tgi:80, openai_azure_chat:DEPLOYMENT:BASEURL:VERSION); "
         "needs --model",

@@ -16,4 +16,3 @@ _COUNTER = itertools.count(1)
 
 def new_id() -> str:
     return f"{_PREFIX}{next(_COUNTER):010x}"
-

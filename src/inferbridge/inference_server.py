@@ -56,8 +56,7 @@ def parse_inference_server(
     elif kind in ("vllm", "vllm_chat") and rest:
         entry.update(backend="vllm", url=_host_url(rest), upstream_model=model)
     elif kind in ("openai", "openai_chat") and not rest:
-        entry.update(backend="openai", api_key="os.environ/OPENAI_API_KEY",
-                     upstream_model=model)
+        entry.update(backend="openai", api_key="os.environ/OPENAI_API_KEY", upstream_model=model)
     elif kind in ("openai_azure", "openai_azure_chat"):
         parts = rest.split(":") if rest else []
         # A base URL given with its scheme contains a ':' of its own: rejoin it.
@@ -69,8 +68,9 @@ def parse_inference_server(
                 f"{spec!r}: the Azure endpoint (BASEURL) is required in this form"
             )
         url = base if base.startswith(("http://", "https://")) else f"https://{base}"
-        entry.update(backend="azure", url=url.rstrip("/"),
-                     api_key=key or "os.environ/OPENAI_API_KEY")
+        entry.update(
+            backend="azure", url=url.rstrip("/"), api_key=key or "os.environ/OPENAI_API_KEY"
+        )
         if deployment:
             entry["deployment"] = deployment
         entry["api_version"] = version or "2024-10-21"
@@ -83,8 +83,11 @@ def parse_inference_server(
             entry["model"] = owner_name
     elif kind in ("sagemaker", "sagemaker_chat") and rest:
         parts = rest.split(":")
-        entry.update(backend="sagemaker", endpoint_name=_field(parts, 0),
-                     payload="messages" if kind == "sagemaker_chat" else "tgi")
+        entry.update(
+            backend="sagemaker",
+            endpoint_name=_field(parts, 0),
+            payload="messages" if kind == "sagemaker_chat" else "tgi",
+        )
         region = _field(parts, 1)
         if region:
             entry["region"] = region

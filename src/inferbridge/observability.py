@@ -65,29 +65,67 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         route = ["model", "deployment", "backend"]
-        self.requests = Counter("inferbridge_requests", "Requests by model, deployment, "
-                                "backend and HTTP status", [*route, "status"], registry=registry)
-        self.latency = Histogram("inferbridge_request_duration_seconds",
-                                 "Whole request duration", ["model"],
-                                 buckets=LATENCY_BUCKETS, registry=registry)
-        self.ttft = Histogram("inferbridge_time_to_first_token_seconds",
-                              "Time until the first upstream batch", ["model"],
-                              buckets=LATENCY_BUCKETS, registry=registry)
-        self.overhead = Histogram("inferbridge_proxy_overhead_seconds",
-                                  "Time spent in inferbridge, excluding the upstream", ["model"],
-                                  buckets=OVERHEAD_BUCKETS, registry=registry)
-        self.tokens = Counter("inferbridge_tokens", "Tokens by model and kind "
-                              "(prompt/completion)", ["model", "kind"], registry=registry)
-        self.in_flight = Gauge("inferbridge_requests_in_flight", "Requests being served",
-                               ["model"], registry=registry, multiprocess_mode="livesum")
-        self.upstream_errors = Counter("inferbridge_upstream_errors", "Upstream failures by "
-                                       "kind", [*route, "kind"], registry=registry)
-        self.retries = Counter("inferbridge_retries", "Extra upstream attempts", ["model"],
-                               registry=registry)
-        self.fallbacks = Counter("inferbridge_fallbacks", "Requests answered by a fallback "
-                                 "model", ["model", "fallback"], registry=registry)
-        self.disconnects = Counter("inferbridge_client_disconnects", "Clients that left "
-                                   "before the end", ["model"], registry=registry)
+        self.requests = Counter(
+            "inferbridge_requests",
+            "Requests by model, deployment, backend and HTTP status",
+            [*route, "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "inferbridge_request_duration_seconds",
+            "Whole request duration",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "inferbridge_time_to_first_token_seconds",
+            "Time until the first upstream batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.overhead = Histogram(
+            "inferbridge_proxy_overhead_seconds",
+            "Time spent in inferbridge, excluding the upstream",
+            ["model"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "inferbridge_tokens",
+            "Tokens by model and kind (prompt/completion)",
+            ["model", "kind"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "inferbridge_requests_in_flight",
+            "Requests being served",
+            ["model"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_errors = Counter(
+            "inferbridge_upstream_errors",
+            "Upstream failures by kind",
+            [*route, "kind"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "inferbridge_retries", "Extra upstream attempts", ["model"], registry=registry
+        )
+        self.fallbacks = Counter(
+            "inferbridge_fallbacks",
+            "Requests answered by a fallback model",
+            ["model", "fallback"],
+            registry=registry,
+        )
+        self.disconnects = Counter(
+            "inferbridge_client_disconnects",
+            "Clients that left before the end",
+            ["model"],
+            registry=registry,
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:

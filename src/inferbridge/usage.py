@@ -28,7 +28,5 @@ def estimate_prompt_tokens(request: InferenceRequest) -> int:
     if isinstance(prompt, list):
         if prompt and isinstance(prompt[0], int):
             return len(prompt)
-        return sum(
-            len(p) if isinstance(p, list) else estimate_tokens(len(p)) for p in prompt
-        )
+        return sum(len(p) if isinstance(p, list) else estimate_tokens(len(p)) for p in prompt)
     return 0

@@ -38,8 +38,12 @@ class FakeOpenAI(FakeServer):
     async def models(self, request: web.Request) -> web.Response:
         await self.record(request)
         return web.json_response(
-            {"object": "list", "data": [{"id": self.served_model, "object": "model",
-                                         "created": 0, "owned_by": "vllm"}]}
+            {
+                "object": "list",
+                "data": [
+                    {"id": self.served_model, "object": "model", "created": 0, "owned_by": "vllm"}
+                ],
+            }
         )
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -57,14 +61,26 @@ class FakeOpenAI(FakeServer):
             return self.error_response()
         if body.get("stream_options") and not body.get("stream"):
             return web.json_response(
-                {"error": {"message": "Stream options can only be defined when `stream=True`.",
-                           "type": "BadRequestError", "param": None, "code": 400}},
+                {
+                    "error": {
+                        "message": "Stream options can only be defined when `stream=True`.",
+                        "type": "BadRequestError",
+                        "param": None,
+                        "code": 400,
+                    }
+                },
                 status=400,
             )
         if body.get("model") != self.served_model:
             return web.json_response(
-                {"error": {"message": f"The model `{body.get('model')}` does not exist.",
-                           "type": "NotFoundError", "param": None, "code": 404}},
+                {
+                    "error": {
+                        "message": f"The model `{body.get('model')}` does not exist.",
+                        "type": "NotFoundError",
+                        "param": None,
+                        "code": 404,
+                    }
+                },
                 status=404,
             )
         if body.get("stream"):
@@ -77,35 +93,80 @@ class FakeOpenAI(FakeServer):
         return web.json_response(self._full(chat))
 
     def _head(self, chat: bool) -> dict[str, Any]:
-        return {"id": "chatcmpl-up" if chat else "cmpl-up",
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": self.served_model}
+        return {
+            "id": "chatcmpl-up" if chat else "cmpl-up",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.served_model,
+        }
 
     def _chunks(self, chat: bool, include_usage: bool) -> list[bytes]:
         head = self._head(chat)
         out = []
         if chat:
-            out.append(sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant",
-                            "content": ""}, "logprobs": None, "finish_reason": None}]}))
+            out.append(
+                sse(
+                    {
+                        **head,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
+            )
         for i, piece in enumerate(self.reply):
             if self.error_event_after is not None and i == self.error_event_after:
-                out.append(sse({"error": {"message": "engine died", "type": "InternalServerError",
-                                          "param": None, "code": 500}}))
+                out.append(
+                    sse(
+                        {
+                            "error": {
+                                "message": "engine died",
+                                "type": "InternalServerError",
+                                "param": None,
+                                "code": 500,
+                            }
+                        }
+                    )
+                )
                 return out
-            choice = ({"index": 0, "delta": {"content": piece}} if chat
-                      else {"index": 0, "text": piece})
-            out.append(sse({**head, "choices": [{**choice, "logprobs": None,
-                                                 "finish_reason": None}]}))
+            choice = (
+                {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
+            )
+            out.append(
+                sse({**head, "choices": [{**choice, "logprobs": None, "finish_reason": None}]})
+            )
         if chat and self.tool_calls:
             for k, call in enumerate(self.tool_calls):
                 args = call["arguments"]
                 half = len(args) // 2
-                first = {"index": k, "id": call["id"], "type": "function",
-                         "function": {"name": call["name"], "arguments": args[:half]}}
+                first = {
+                    "index": k,
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": args[:half]},
+                }
                 second = {"index": k, "function": {"arguments": args[half:]}}
                 for tc in (first, second):
-                    out.append(sse({**head, "choices": [{"index": 0, "delta": {
-                        "tool_calls": [tc]}, "logprobs": None, "finish_reason": None}]}))
+                    out.append(
+                        sse(
+                            {
+                                **head,
+                                "choices": [
+                                    {
+                                        "index": 0,
+                                        "delta": {"tool_calls": [tc]},
+                                        "logprobs": None,
+                                        "finish_reason": None,
+                                    }
+                                ],
+                            }
+                        )
+                    )
         final = {"index": 0, "logprobs": None, "finish_reason": self.finish_reason}
         final.update({"delta": {}} if chat else {"text": ""})
         out.append(sse({**head, "choices": [final]}))
@@ -122,8 +183,11 @@ class FakeOpenAI(FakeServer):
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if self.tool_calls:
                 message["tool_calls"] = [
-                    {"id": c["id"], "type": "function",
-                     "function": {"name": c["name"], "arguments": c["arguments"]}}
+                    {
+                        "id": c["id"],
+                        "type": "function",
+                        "function": {"name": c["name"], "arguments": c["arguments"]},
+                    }
                     for c in self.tool_calls
                 ]
             choice: dict[str, Any] = {"index": 0, "message": message}

@@ -68,7 +68,7 @@ class ColdRoutes:
             return self.list_models(auth, key)
         for prefix in ("/v1/models/", "/models/"):
             if path.startswith(prefix) and len(path) > len(prefix):
-                return self.get_model(path[len(prefix):], auth, key)
+                return self.get_model(path[len(prefix) :], auth, key)
         return None
 
     async def __call__(self, scope: dict[str, Any], send: Any) -> bool:
@@ -83,7 +83,12 @@ class ColdRoutes:
         if found is None:
             return False
         status, body, content_type = found
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", content_type), *extra]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", content_type), *extra],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
         return True

@@ -25,6 +25,7 @@ log = logging.getLogger("inferbridge")
 
 def build_docs_app(cold: ColdRoutes) -> FastAPI:
     """The FastAPI app behind `/docs`: documents every route and answers unknown paths."""
+
     def reply(answer: tuple[int, bytes, bytes]) -> Response:
         status, body, content_type = answer
         return Response(body, status, media_type=content_type.decode())
@@ -106,17 +107,27 @@ def _document_hot_routes(api: FastAPI) -> None:
             js = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(js.pop("$defs", {}))
             components[model.__name__] = js
-            schema["paths"][path] = {"post": {
-                "tags": ["openai"],
-                "summary": summary,
-                "description": "OpenAI-compatible. With `stream: true` the answer is a "
-                "text/event-stream of chunks ending with `data: [DONE]`.",
-                "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}},
-                "responses": {"200": {"description": "The completion (JSON or SSE)"},
-                              "400": {"description": "Invalid request (OpenAI error)"},
-                              "404": {"description": "Unknown model"}},
-            }}
+            schema["paths"][path] = {
+                "post": {
+                    "tags": ["openai"],
+                    "summary": summary,
+                    "description": "OpenAI-compatible. With `stream: true` the answer is a "
+                    "text/event-stream of chunks ending with `data: [DONE]`.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {"description": "The completion (JSON or SSE)"},
+                        "400": {"description": "Invalid request (OpenAI error)"},
+                        "404": {"description": "Unknown model"},
+                    },
+                }
+            }
         api.openapi_schema = schema
         return schema
 

@@ -142,8 +142,9 @@ class CompletionsEndpoint:
         finally:
             watch.stop()
             await _close(stream)
-            self.observe.record(request, route, timer, exchange.usage, exchange.error,
-                                exchange.completion)
+            self.observe.record(
+                request, route, timer, exchange.usage, exchange.error, exchange.completion
+            )
 
     async def _complete(
         self, ex: Exchange, stream: AsyncIterator[Sequence[Event]], choices: int
@@ -187,16 +188,20 @@ class CompletionsEndpoint:
 
         encoder = StreamEncoder(ex.request, choices, keep_text=self.observe.log_prompts)
         timer.status = 200
-        await send({
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [*SSE_HEADERS, *ex.route_headers()],
-        })
-        await send({
-            "type": "http.response.body",
-            "body": encoder.opening() + encoder.encode(first),
-            "more_body": True,
-        })
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [*SSE_HEADERS, *ex.route_headers()],
+            }
+        )
+        await send(
+            {
+                "type": "http.response.body",
+                "body": encoder.opening() + encoder.encode(first),
+                "more_body": True,
+            }
+        )
         try:
             async for batch in iterator:
                 data = encoder.encode(batch)
@@ -216,8 +221,9 @@ class Exchange:
 
     __slots__ = ("completion", "error", "request", "route", "send", "timer", "usage", "watch")
 
-    def __init__(self, request: InferenceRequest, route: RouteInfo, timer: RequestTimer,
-                 send: Send) -> None:
+    def __init__(
+        self, request: InferenceRequest, route: RouteInfo, timer: RequestTimer, send: Send
+    ) -> None:
         self.request = request
         self.route = route
         self.timer = timer
@@ -231,16 +237,17 @@ class Exchange:
         """x-request-id, x-inferbridge-model (the model that answered, after fallbacks) and
         x-inferbridge-overhead-ms; computed when the response headers leave."""
         overhead = self.timer.overhead = self.timer.overhead_so_far()
-        return [(b"x-request-id", self.request.request_id.encode()),
-                (b"x-inferbridge-model", self.route.model.encode()),
-                (b"x-inferbridge-overhead-ms", f"{overhead * 1000:.3f}".encode())]
+        return [
+            (b"x-request-id", self.request.request_id.encode()),
+            (b"x-inferbridge-model", self.route.model.encode()),
+            (b"x-inferbridge-overhead-ms", f"{overhead * 1000:.3f}".encode()),
+        ]
 
     def _as_error(self, exc: Exception) -> InferbridgeError:
         self.error = exc
         if isinstance(exc, InferbridgeError):
             return exc
-        log.error("request %s failed in its backend stream", self.request.request_id,
-                  exc_info=exc)
+        log.error("request %s failed in its backend stream", self.request.request_id, exc_info=exc)
         return internal_error(self.request.request_id)
 
     async def fail(self, exc: Exception) -> None:
@@ -254,8 +261,9 @@ class Exchange:
     def stream_failed(self, exc: Exception) -> InferbridgeError:
         """The stream broke after it started: the error goes out as an SSE event."""
         err = self._as_error(exc)
-        log.warning("request %s: stream failed after it started: %s",
-                    self.request.request_id, err.message)
+        log.warning(
+            "request %s: stream failed after it started: %s", self.request.request_id, err.message
+        )
         return err
 
 

@@ -223,9 +223,30 @@ _KNOWN_NAMES = (
     _CHAT_FIELDS
     | _COMPLETION_FIELDS
     | {n for m in (ToolCall, FunctionCall, ImageURL, JSONSchemaFormat) for n in m.model_fields}
-    | {"content", "role", "name", "tool_call_id", "tool_calls", "refusal", "text", "type",
-       "image_url", "input_audio", "file", "function", "include_usage", "json_schema",
-       "parameters", "description", "strict", "schema", "url", "detail", "arguments", "id"}
+    | {
+        "content",
+        "role",
+        "name",
+        "tool_call_id",
+        "tool_calls",
+        "refusal",
+        "text",
+        "type",
+        "image_url",
+        "input_audio",
+        "file",
+        "function",
+        "include_usage",
+        "json_schema",
+        "parameters",
+        "description",
+        "strict",
+        "schema",
+        "url",
+        "detail",
+        "arguments",
+        "id",
+    }
 )
 
 

@@ -95,8 +95,9 @@ class StreamEncoder:
     def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
         return self._head + orjson.dumps(choices) + self._tail
 
-    def _choice(self, index: int, delta: dict[str, Any], logprobs: Any = None,
-                finish: str | None = None) -> dict[str, Any]:
+    def _choice(
+        self, index: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None
+    ) -> dict[str, Any]:
         if self.chat:
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {
@@ -111,8 +112,10 @@ class StreamEncoder:
         if not self.chat:
             return b""
         return self._chunk(
-            [self._choice(i, {"role": "assistant", "content": ""})
-             for i in range(self.tracker.choices)]
+            [
+                self._choice(i, {"role": "assistant", "content": ""})
+                for i in range(self.tracker.choices)
+            ]
         )
 
     def encode(self, batch: Iterable[Event]) -> bytes:
@@ -123,12 +126,12 @@ class StreamEncoder:
                 tracker.chars += len(ev.text)
                 if tracker.text is not None:
                     tracker.text.append(ev.text)
-                out.append(self._chunk([self._choice(
-                    ev.index, {"content": ev.text}, ev.logprobs)]))
+                out.append(self._chunk([self._choice(ev.index, {"content": ev.text}, ev.logprobs)]))
             elif isinstance(ev, ToolCallDelta):
                 tracker.has_tools.add(ev.index)
-                out.append(self._chunk([self._choice(ev.index, {"tool_calls": [
-                    _tool_call_delta(ev)]})]))
+                out.append(
+                    self._chunk([self._choice(ev.index, {"tool_calls": [_tool_call_delta(ev)]})])
+                )
             elif isinstance(ev, Finish):
                 reason = tracker.finish_reason(ev)
                 out.append(self._chunk([self._choice(ev.index, {}, None, reason)]))
@@ -136,14 +139,15 @@ class StreamEncoder:
                 tracker.usage = ev
             elif isinstance(ev, ReasoningDelta) and self.chat:
                 tracker.chars += len(ev.text)
-                out.append(self._chunk([self._choice(
-                    ev.index, {"reasoning_content": ev.text})]))
+                out.append(self._chunk([self._choice(ev.index, {"reasoning_content": ev.text})]))
         return b"".join(out)
 
     def closing(self) -> bytes:
         """Finish chunks for choices left open, the usage chunk if asked, and [DONE]."""
-        out = [self._chunk([self._choice(i, {}, None, "stop")])
-               for i in self.tracker.missing_finishes()]
+        out = [
+            self._chunk([self._choice(i, {}, None, "stop")])
+            for i in self.tracker.missing_finishes()
+        ]
         if self.request.include_usage:
             usage, _ = self.tracker.final_usage(self.request)
             out.append(self._head + b"[]" + b',"usage":' + orjson.dumps(usage) + b"}\n\n")
@@ -224,11 +228,13 @@ class ResponseAssembler:
                         message["content"] = None
                 if i in self.reasoning:
                     message["reasoning_content"] = "".join(self.reasoning[i])
-                choices.append({"index": i, "message": message, "logprobs": logprobs,
-                                "finish_reason": reason})
+                choices.append(
+                    {"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason}
+                )
             else:
-                choices.append({"index": i, "text": text, "logprobs": logprobs,
-                                "finish_reason": reason})
+                choices.append(
+                    {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
+                )
         usage, estimated = tracker.final_usage(self.request)
         return {
             "id": new_id(self.request.kind),

@@ -34,8 +34,15 @@ def _words(text: str) -> list[str]:
 class EchoBackend(Backend):
     Settings = EchoSettings
     supported_params = frozenset(
-        {"max_tokens", "stop", "temperature", "top_p", "seed", "presence_penalty",
-         "frequency_penalty"}
+        {
+            "max_tokens",
+            "stop",
+            "temperature",
+            "top_p",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+        }
     )
 
     async def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:

@@ -49,9 +49,7 @@ class OpenAISettings(OpenAICompatSettings):
 
 
 def usage_event(usage: dict[str, Any]) -> Usage:
-    details = {
-        k: v for k, v in usage.items() if k.endswith("_details") and isinstance(v, dict)
-    }
+    details = {k: v for k, v in usage.items() if k.endswith("_details") and isinstance(v, dict)}
     return Usage(
         int(usage.get("prompt_tokens") or 0),
         int(usage.get("completion_tokens") or 0),
@@ -202,8 +200,12 @@ class OpenAICompatBackend(Backend):
                     yield batch
                 if done:
                     return
-            batch = [e for ev in decoder.flush() if ev.data != b"[DONE]"
-                     for e in self._chunk(ev.data, chat)]
+            batch = [
+                e
+                for ev in decoder.flush()
+                if ev.data != b"[DONE]"
+                for e in self._chunk(ev.data, chat)
+            ]
             if batch:
                 saw_finish = saw_finish or any(type(e) is Finish for e in batch)
                 yield batch

@@ -69,10 +69,13 @@ class PromptBuilder:
             )
         try:
             prompt = template.render(
-                request.messages or [], add_generation_prompt=True, strip_bos=self.strip_bos,
+                request.messages or [],
+                add_generation_prompt=True,
+                strip_bos=self.strip_bos,
                 **template_kwargs,
             )
         except TemplateError as exc:
-            raise InvalidRequest(f"Cannot format the conversation: {exc}",
-                                 param="messages") from None
+            raise InvalidRequest(
+                f"Cannot format the conversation: {exc}", param="messages"
+            ) from None
         return prompt, merge_stops(template.stop, request.stop)
