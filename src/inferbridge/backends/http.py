@@ -1,7 +1,7 @@
 """The pooled HTTP client every HTTP backend uses, and its failure mapping.
 
-One `HttpUpstream` per deployment: an aiohttp session (keep-alive pool) opened at start-up
-and closed at shutdown, with the entry's connect and total timeouts. It turns every
+One `HttpUpstream` per deployment: keep-alive connection pools (`http1.Client`) opened at
+start-up and closed at shutdown, with the entry's connect and total timeouts. It turns every
 transport failure and every non-2xx answer into an `UpstreamError` subclass that names the
 backend, so adapters only deal with their protocol:
 
@@ -9,30 +9,34 @@ backend, so adapters only deal with their protocol:
         async for chunk in self.http.iter_chunks(resp):         # raises on a broken stream
             ...
 
-aiohttp is used on the hot path because it measured ~8x cheaper per request than httpx's
-pool here (see the foundation issue).
+`resp` has `status`, `headers.get(name)` (any case) and `await resp.read()`. The client is
+inferbridge's own lean HTTP/1.1 client (`http1.py`): aiohttp's cost ~205 µs of CPU per
+request and most of the per-chunk read path in the benchmark; aiohttp was itself chosen
+over httpx's pool, measured ~8x cheaper.
 """
 
 from __future__ import annotations
 
-import asyncio
+import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import Any
 
-import aiohttp
 import orjson
 
+from inferbridge.backends.http1 import (
+    Client,
+    ConnectError,
+    ConnectionClosed,
+    HttpClientError,
+    Response,
+)
 from inferbridge.errors import (
     UpstreamError,
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-
-
-def _json_dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode()
 
 
 def error_message(body: bytes) -> str:
@@ -104,14 +108,18 @@ def status_error(label: str, status: int, body: bytes, headers: Any = None) -> U
 
 
 def transport_error(label: str, exc: BaseException) -> UpstreamError:
-    """Map an aiohttp / socket exception to the error inferbridge returns."""
+    """Map a client (`http1`, or aiohttp when it is loaded) / socket exception to the error
+    inferbridge returns."""
     if isinstance(exc, UpstreamError):
         return exc
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    aio = sys.modules.get("aiohttp")  # its exceptions exist only if someone imported it
+    if isinstance(exc, ConnectError) or (aio and isinstance(exc, aio.ClientConnectorError)):
         return UpstreamError(f"{label} is unreachable: {exc.os_error or exc}", backend=label)
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError) or (aio and isinstance(exc, aio.ServerTimeoutError)):
         return UpstreamTimeout(f"{label} did not answer in time", backend=label)
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+    if isinstance(exc, ConnectionClosed) or (
+        aio and isinstance(exc, aio.ServerDisconnectedError | aio.ClientPayloadError)
+    ):
         return UpstreamError(f"{label} closed the connection mid-response", backend=label)
     return UpstreamError(f"{label} failed: {type(exc).__name__}: {exc}", backend=label)
 
@@ -124,6 +132,10 @@ def load_json(label: str, data: bytes, what: str = "stream event") -> Any:
         raise UpstreamError(
             f"{label} sent an invalid {what}: {data[:200]!r}", backend=label
         ) from None
+
+
+# What the client raises for a failed exchange (TimeoutError is an OSError).
+_FAILURES = (OSError, HttpClientError)
 
 
 class HttpUpstream:
@@ -166,34 +178,20 @@ class HttpUpstream:
         self.label = label
         self.headers = headers or {}
         self.error_mapper = error_mapper
-        self._timeout = aiohttp.ClientTimeout(
-            total=timeout, sock_connect=connect_timeout, sock_read=timeout
-        )
-        self._session: aiohttp.ClientSession | None = None
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._client: Client | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            headers=self.headers,
-            json_serialize=_json_dumps,
-            auto_decompress=True,
-        )
+        if self._client is None:
+            self._client = Client(self.base_url, self.headers)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise UpstreamError(f"{self.label}: client not started", backend=self.label)
-        return self._session
-
-    @asynccontextmanager
-    async def request(
+    def request(
         self,
         method: str,
         path: str,
@@ -202,39 +200,84 @@ class HttpUpstream:
         data: bytes | None = None,
         params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
-        timeout: aiohttp.ClientTimeout | None = None,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send a request; yield the 2xx response, or raise the mapped UpstreamError."""
-        url = path if path.startswith(("http://", "https://")) else self.base_url + path
-        if json is not None:
-            data = orjson.dumps(json)
-            headers = {"Content-Type": "application/json", **(headers or {})}
-        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-        try:
-            async with self.session.request(
-                method, url, data=data, params=params, headers=headers, **extra
-            ) as resp:
-                if resp.status >= 400:
-                    body = await resp.read()
-                    raise self.error_mapper(self.label, resp.status, body, resp.headers)
-                yield resp
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise transport_error(self.label, exc) from exc
+        timeout: Any = None,
+    ) -> _Exchange:
+        """Send a request (`async with`); yields the 2xx response, or raises the mapped
+        UpstreamError. `timeout` overrides the entry's: seconds, or an object with `total`
+        and `sock_connect` (e.g. an `aiohttp.ClientTimeout`)."""
+        return _Exchange(self, method, path, json, data, params, headers, timeout)
 
-    def post(self, path: str, payload: Any, **kw: Any) -> Any:
+    def post(self, path: str, payload: Any, **kw: Any) -> _Exchange:
         return self.request("POST", path, json=payload, **kw)
 
-    async def iter_chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        """The body as it arrives, one read at a time, with failures mapped."""
+    async def iter_chunks(self, resp: Response) -> AsyncIterator[bytes]:
+        """The body as it arrives: everything received since the last read, with failures
+        mapped."""
+        read = resp.read_any
         try:
-            async for chunk in resp.content.iter_any():
+            while chunk := await read():
                 yield chunk
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except _FAILURES as exc:
             raise transport_error(self.label, exc) from exc
 
-    async def read_json(self, resp: aiohttp.ClientResponse) -> Any:
+    async def read_json(self, resp: Response) -> Any:
         try:
             body = await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except _FAILURES as exc:
             raise transport_error(self.label, exc) from exc
         return load_json(self.label, body, "JSON answer")
+
+
+class _Exchange:
+    """`async with http.request(...) as resp`: sends on enter, releases the connection on
+    exit (back to the pool once the body is complete, closed otherwise)."""
+
+    __slots__ = ("args", "resp", "up")
+
+    def __init__(self, up: HttpUpstream, *args: Any) -> None:
+        self.up = up
+        self.args = args
+        self.resp: Response | None = None
+
+    async def __aenter__(self) -> Response:
+        up = self.up
+        method, path, json, data, params, headers, timeout = self.args
+        if up._client is None:
+            raise UpstreamError(f"{up.label}: client not started", backend=up.label)
+        total, connect = up.timeout, up.connect_timeout
+        if timeout is not None:
+            if isinstance(timeout, int | float):
+                total = timeout
+            else:
+                total = timeout.total
+                connect = getattr(timeout, "sock_connect", None) or getattr(
+                    timeout, "connect", None
+                )
+        content_type = None
+        if json is not None:
+            data, content_type = orjson.dumps(json), "application/json"
+        try:
+            resp = await up._client.send(
+                method, path, data, params, headers, total, connect, content_type
+            )
+            if resp.status >= 400:
+                try:
+                    body = await resp.read()
+                finally:
+                    resp.release()
+                raise up.error_mapper(up.label, resp.status, body, resp.headers)
+        except _FAILURES as exc:
+            raise transport_error(up.label, exc) from exc
+        self.resp = resp
+        return resp
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.resp is not None:
+            self.resp.release()
+        if isinstance(exc, _FAILURES):
+            raise transport_error(self.up.label, exc) from exc
