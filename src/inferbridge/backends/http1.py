@@ -105,13 +105,6 @@ class Response:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait_head(self) -> None:
-        while not self._head:
-            if self._exc is not None:
-                raise self._exc
-            self._waiter = waiter = self._loop.create_future()
-            await waiter  # a finished or cancelled waiter is simply replaced next time
-
     async def read_any(self) -> bytes:
         """Everything received since the last read, as one `bytes`; b"" at the end."""
         while not self._chunks:
@@ -120,7 +113,7 @@ class Response:
             if self._done:
                 return b""
             self._waiter = waiter = self._loop.create_future()
-            await waiter
+            await waiter  # a finished or cancelled waiter is simply replaced next time
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self._chunks = []
@@ -291,16 +284,16 @@ class Pool:
         self.heads: dict[tuple[str, str, str | None], bytes] = {}  # cached request heads
         self._sweeper: asyncio.TimerHandle | None = None
 
-    async def acquire(self, connect_timeout: float | None) -> tuple[Connection, bool]:
-        """An idle connection (reused=True) or a new one."""
+    def reuse(self) -> Connection | None:
+        """The most recently used idle connection still open, if any."""
         idle, now = self.idle, self.loop.time()
         while idle:
             conn = idle.pop()
             if conn.closed or conn.transport.is_closing() or now - conn.idle_since >= KEEPALIVE:
                 conn.close()
                 continue
-            return conn, True
-        return await self.connect(connect_timeout), False
+            return conn
+        return None
 
     async def connect(self, timeout: float | None) -> Connection:
         ssl_ctx = None
@@ -392,16 +385,23 @@ class Client:
         data = head + body if body else head
         deadline = None if total is None else self.loop.time() + total
         for attempt in (1, 2):
-            if deadline is not None:
-                left = deadline - self.loop.time()
-                connect = left if connect is None else min(connect, left)
-            conn, reused = await pool.acquire(connect)
+            conn = pool.reuse() if attempt == 1 else None
+            reused = conn is not None
+            if conn is None:
+                if deadline is not None:
+                    left = deadline - self.loop.time()
+                    connect = left if connect is None else min(connect, left)
+                conn = await pool.connect(connect)
             resp = conn.send(data, deadline)
             try:
-                await resp._wait_head()
+                while not resp._head:
+                    if resp._exc is not None:
+                        raise resp._exc
+                    resp._waiter = waiter = self.loop.create_future()
+                    await waiter
             except ConnectionClosed:
                 resp.release()
-                if reused and attempt == 1 and not resp._got_bytes:
+                if reused and not resp._got_bytes:
                     continue  # a stale pooled connection: once more on a fresh one
                 raise
             except BaseException:
