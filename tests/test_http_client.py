@@ -11,7 +11,10 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -87,6 +90,7 @@ class Server:
         self.connections = 0
         self.seen: list[tuple[str, dict[str, str], bytes]] = []
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.ssl: ssl.SSLContext | None = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -99,7 +103,7 @@ class Server:
             writer.close()
 
     async def __aenter__(self) -> Server:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl)
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         return self
 
@@ -523,3 +527,43 @@ async def test_close_and_idle_expiry_close_pooled_connections(
         with pytest.raises(UpstreamError, match="client not started"):
             async with http.request("GET", "/"):
                 pass
+
+
+@pytest.fixture
+def tls_files(tmp_path: Any) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl CLI) and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+         "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+        check=True, capture_output=True, timeout=20,
+    )  # fmt: skip
+    return cert, key
+
+
+@both_loops
+async def test_https_verifies_the_certificate(
+    tls_files: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    srv = Server(keep_answering)
+    srv.ssl = server_ctx
+    async with srv:
+        url = srv.url.replace("http://", "https://")
+        async with upstream(url) as http:  # the default context does not trust it
+            with pytest.raises(UpstreamError, match=r"unreachable.*CERTIFICATE_VERIFY_FAILED"):
+                async with http.request("GET", "/"):
+                    pass
+        monkeypatch.setattr(http1, "_ssl_context", ssl.create_default_context(cafile=cert))
+        async with upstream(url) as http:
+            for _ in range(3):
+                async with http.post("/x", {}) as resp:
+                    assert await http.read_json(resp) == {"ok": True}
+    assert (
+        srv.connections == 1
+    )  # one kept-alive TLS connection (handshakes that failed never count)
