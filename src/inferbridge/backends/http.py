@@ -10,9 +10,9 @@ backend, so adapters only deal with their protocol:
             ...
 
 `resp` has `status`, `headers.get(name)` (any case) and `await resp.read()`. The client is
-inferbridge's own lean HTTP/1.1 client (`http1.py`): aiohttp's cost ~205 µs of CPU per
-request and most of the per-chunk read path in the benchmark; aiohttp was itself chosen
-over httpx's pool, measured ~8x cheaper.
+inferbridge's own lean HTTP/1.1 client (`http1.py`), because aiohttp's client cost ~205 µs
+of CPU per request and most of the per-chunk read path in the benchmark (aiohttp had
+replaced httpx's pool, measured ~8x costlier still).
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def transport_error(label: str, exc: BaseException) -> UpstreamError:
         return exc
     aio = sys.modules.get("aiohttp")  # its exceptions exist only if someone imported it
     if isinstance(exc, ConnectError) or (aio and isinstance(exc, aio.ClientConnectorError)):
-        return UpstreamError(f"{label} is unreachable: {exc.os_error or exc}", backend=label)
+        reason = getattr(exc, "os_error", None) or exc
+        return UpstreamError(f"{label} is unreachable: {reason}", backend=label)
     if isinstance(exc, TimeoutError) or (aio and isinstance(exc, aio.ServerTimeoutError)):
         return UpstreamTimeout(f"{label} did not answer in time", backend=label)
     if isinstance(exc, ConnectionClosed) or (

@@ -12,7 +12,9 @@ just that, with `httptools` (llhttp) parsing the responses:
 - `Client.send()` writes the request in one `transport.write`: a request head built once per
   (origin, method, path, query) and cached, the per-request headers, `Content-Length`, the
   body. A pooled connection that turns out to be closed before any response byte arrives
-  (the upstream's keep-alive timer won the race) is retried once on a fresh connection.
+  (the upstream's keep-alive timer won the race) is retried once on a fresh connection,
+  whatever the method: without a single answer byte, the upstream almost surely closed the
+  idle connection before reading the request (aiohttp retried only idempotent methods).
 - `Response`: status, headers (lower-cased names), and a body the protocol pushes into a
   list: `read_any()` returns everything buffered since the last read as one `bytes`, so a
   reader that falls behind pays once per read, not once per network chunk. Above
