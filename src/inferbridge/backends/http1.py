@@ -234,7 +234,8 @@ class Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self.resp.headers  # type: ignore[union-attr]
         key, text = name.decode("latin-1").lower(), value.decode("latin-1")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        prev = dict.get(headers, key)  # names are lower-cased already: skip Headers.get
+        headers[key] = text if prev is None else f"{prev}, {text}"
 
     def on_headers_complete(self) -> None:
         resp = self.resp
@@ -244,8 +245,8 @@ class Connection(asyncio.Protocol):
             return
         h = resp.headers
         resp._until_close = (
-            "content-length" not in h
-            and "chunked" not in h.get("transfer-encoding", "")
+            dict.get(h, "content-length") is None
+            and "chunked" not in dict.get(h, "transfer-encoding", "")
             and status not in (204, 304)
         )
         resp._head = True
