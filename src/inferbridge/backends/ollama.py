@@ -24,7 +24,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import orjson
 from pydantic import Field, field_validator
 
@@ -413,9 +412,7 @@ class OllamaBackend(Backend):
     async def list_models(self) -> list[str]:
         """The models the Ollama server has pulled (`GET /api/tags`), as `name:tag`."""
         cfg = self.config
-        timeout = aiohttp.ClientTimeout(
-            total=min(cfg.timeout, 10.0), sock_connect=cfg.connect_timeout
-        )
+        timeout = min(cfg.timeout, 10.0)
         async with self.http.request("GET", "/api/tags", timeout=timeout) as resp:
             data = await self.http.read_json(resp)
         models = data.get("models") if isinstance(data, dict) else None

@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from inferbridge.backends.base import Backend
@@ -348,9 +347,7 @@ class TGIBackend(Backend):
         self._info: TGIInfo | None = None
         self._info_retry_at = 0.0
         self._info_lock: asyncio.Lock | None = None
-        self._info_timeout = aiohttp.ClientTimeout(
-            total=min(config.timeout, 10.0), sock_connect=config.connect_timeout
-        )
+        self._info_timeout = min(config.timeout, 10.0)
 
     async def start(self) -> None:
         self._info_lock = asyncio.Lock()
