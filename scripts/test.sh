@@ -11,6 +11,7 @@ python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[test]'
 
 ruff check .
+ruff format --check src tests bench
 
 # The TGI fake checked with the official `text-generation` client. That client needs
 # huggingface-hub < 1.0 while gradio_client needs >= 1.16, so it gets its own small venv.
