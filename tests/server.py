@@ -19,7 +19,9 @@ from inferbridge.config import load_config
 
 class InferbridgeServer:
     def __init__(self, config: dict[str, Any], *, api_key: str = "sk-test") -> None:
-        self.config = load_config(data=config)
+        # Access logs off unless a test asks for them: they would print into pytest's output.
+        server = {"access_log": False, **(config.get("server") or {})}
+        self.config = load_config(data={**config, "server": server}, environ={})
         self.api_key = api_key
         self.port = 0
         self._server: uvicorn.Server | None = None

@@ -39,7 +39,7 @@ def test_overhead_and_request_id_headers(serve):
 
 
 def test_access_log_is_json_and_private_by_default(serve, capfd):
-    srv = serve({"models": [{"name": "e", "backend": "echo"}]})
+    srv = serve({"server": {"access_log": True}, "models": [{"name": "e", "backend": "echo"}]})
     srv.openai().chat.completions.create(model="e", messages=USER)
     lines = _access_lines(capfd)
     assert lines, "no access log line"
@@ -50,7 +50,12 @@ def test_access_log_is_json_and_private_by_default(serve, capfd):
 
 
 def test_access_log_includes_prompts_when_enabled(serve, capfd):
-    srv = serve({"server": {"log_prompts": True}, "models": [{"name": "e", "backend": "echo"}]})
+    srv = serve(
+        {
+            "server": {"log_prompts": True, "access_log": True},
+            "models": [{"name": "e", "backend": "echo"}],
+        }
+    )
     list(srv.openai().chat.completions.create(model="e", messages=USER, stream=True))
     line = _access_lines(capfd)[-1]
     assert line["messages"] == USER
