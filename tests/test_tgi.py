@@ -631,3 +631,11 @@ def test_tgi_messages_api_via_openai_compatible(serve, stream):
         else:
             assert r.choices[0].finish_reason == "stop" and r.model == "tgi-messages"
         assert fake.requests[-1].json["model"] == "tgi"
+        # TGI's /v1 answers 422 to top_p 1.0 and to an OpenAI logit_bias map
+        srv.openai().chat.completions.create(model="tgi-messages", messages=USER, top_p=1.0)
+        assert "top_p" not in fake.requests[-1].json
+        with pytest.raises(openai.BadRequestError) as info:
+            srv.openai().chat.completions.create(
+                model="tgi-messages", messages=USER, logit_bias={"1": 2}
+            )
+        assert info.value.param == "logit_bias"

@@ -17,9 +17,10 @@ override `endpoint` / `upstream_headers` instead of copying the stream handling.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import orjson
+from pydantic import Field
 
 from inferbridge.backends.base import OPENAI_PARAMS, Backend
 from inferbridge.backends.http import HttpUpstream, error_message, load_json, status_error
@@ -42,6 +43,12 @@ class OpenAICompatSettings(DeploymentConfig):
     url: str  # type: ignore[assignment]  # required: the base URL ending in /v1
     organization: str | None = None
     project: str | None = None
+    quirks: Literal["tgi"] | None = Field(
+        default=None,
+        description="Adapt to a server's known deviations; 'tgi' (TGI's Messages API, the "
+        "default when upstream_model is 'tgi'): top_p >= 1 is omitted, logit_bias is "
+        "unsupported.",
+    )
 
 
 class OpenAISettings(OpenAICompatSettings):
@@ -120,6 +127,10 @@ class OpenAICompatBackend(Backend):
 
     def __init__(self, config: DeploymentConfig) -> None:
         super().__init__(config)
+        quirks = getattr(config, "quirks", None)
+        self.tgi_quirks = quirks == "tgi" or (quirks is None and config.upstream_model == "tgi")
+        if self.tgi_quirks:  # TGI types logit_bias as a list: an OpenAI map gets a 422
+            self.supported_params = OPENAI_PARAMS - {"logit_bias"}  # type: ignore[misc]
         self.http = HttpUpstream.for_deployment(
             config, self.label, base_url=self.base_url(), headers=self.upstream_headers()
         )
@@ -148,6 +159,8 @@ class OpenAICompatBackend(Backend):
         body = dict(request.body)
         body["model"] = self.config.target_model
         body.pop("stream_options", None)
+        if self.tgi_quirks and (body.get("top_p") or 0) >= 1:
+            del body["top_p"]  # TGI rejects 1.0 with a 422; it means "no nucleus cut"
         if request.stream:
             body["stream"] = True
             if request.include_usage:
