@@ -6,6 +6,8 @@ import json
 import time
 
 import httpx
+import openai
+import pytest
 
 USER = [{"role": "user", "content": "secret words here"}]
 
@@ -28,6 +30,10 @@ def test_metrics_count_requests_tokens_and_latency(serve):
     assert "inferbridge_proxy_overhead_seconds_bucket" in text
     assert "inferbridge_time_to_first_token_seconds_count" in text
     assert 'inferbridge_requests_in_flight{model="e"} 0.0' in text
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="missing", messages=USER)
+    text = httpx.get(srv.url + "/metrics").text
+    assert 'inferbridge_rejected_requests_total{status="404"} 1.0' in text
 
 
 def test_overhead_and_request_id_headers(serve):

@@ -120,6 +120,14 @@ class Metrics:
             ["model", "fallback"],
             registry=registry,
         )
+        self.rejected = Counter(
+            "inferbridge_rejected_requests",
+            "Requests answered with an "
+            "error before reaching a backend (bad body, auth, unknown "
+            "model...)",
+            ["status"],
+            registry=registry,
+        )
         self.disconnects = Counter(
             "inferbridge_client_disconnects",
             "Clients that left before the end",
@@ -216,6 +224,9 @@ class Observability:
         return generate_latest(self.metrics.registry)
 
     # -- per request ------------------------------------------------------------------------
+    def rejected(self, status: int) -> None:
+        self.metrics.child(self.metrics.rejected, str(status)).inc()
+
     def started(self, model: str) -> None:
         self.metrics.child(self.metrics.in_flight, model).inc()
 

@@ -115,10 +115,12 @@ class CompletionsEndpoint:
         except ClientGone:
             return
         except InferbridgeError as exc:
+            self.observe.rejected(exc.status)
             await send_error(send, exc, request_id)
             return
         except Exception:
             log.exception("request %s failed before reaching a backend", request_id)
+            self.observe.rejected(500)
             await send_error(send, internal_error(request_id), request_id)
             return
 
