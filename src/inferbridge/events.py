@@ -14,6 +14,8 @@ Finish reasons use the normalized vocabulary: "stop", "length", "tool_calls",
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 
@@ -134,3 +136,14 @@ def normalize_finish(reason: str | None) -> str:
     if not reason:
         return "stop"
     return _FINISH_ALIASES.get(reason, "stop")
+
+
+async def aclose(stream: AsyncIterator[Sequence[Event]] | None) -> None:
+    """Close a stream of event batches (which closes its upstream request). A stream that
+    already failed may fail again while closing: its first error is the one reported."""
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            logging.getLogger("inferbridge").debug("error closing a stream", exc_info=True)

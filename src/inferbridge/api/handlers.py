@@ -27,7 +27,7 @@ from inferbridge import ids
 from inferbridge.api.protocol import build_request, parse_body
 from inferbridge.api.responses import ResponseAssembler, StreamEncoder, error_event
 from inferbridge.errors import InferbridgeError, PayloadTooLarge
-from inferbridge.events import Event
+from inferbridge.events import Event, aclose
 from inferbridge.gateway import Gateway
 from inferbridge.observability import RequestTimer
 from inferbridge.request import InferenceRequest, Kind, RouteInfo
@@ -143,7 +143,7 @@ class CompletionsEndpoint:
             log.info("request %s: client disconnected, upstream request cancelled", request_id)
         finally:
             watch.stop()
-            await _close(stream)
+            await aclose(stream)
             self.observe.record(
                 request, route, timer, exchange.usage, exchange.error, exchange.completion
             )
@@ -291,12 +291,3 @@ class DisconnectWatch:
 
     def stop(self) -> None:
         self._watcher.cancel()
-
-
-async def _close(stream: AsyncIterator[Sequence[Event]]) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception:  # the stream already failed; its error was reported
-            log.debug("error while closing a backend stream", exc_info=True)

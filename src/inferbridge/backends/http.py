@@ -17,7 +17,6 @@ replaced httpx's pool, measured ~8x costlier still).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
@@ -108,19 +107,14 @@ def status_error(label: str, status: int, body: bytes, headers: Any = None) -> U
 
 
 def transport_error(label: str, exc: BaseException) -> UpstreamError:
-    """Map a client (`http1`, or aiohttp when it is loaded) / socket exception to the error
-    inferbridge returns."""
+    """Map a client (`http1`) or socket exception to the error inferbridge returns."""
     if isinstance(exc, UpstreamError):
         return exc
-    aio = sys.modules.get("aiohttp")  # its exceptions exist only if someone imported it
-    if isinstance(exc, ConnectError) or (aio and isinstance(exc, aio.ClientConnectorError)):
-        reason = getattr(exc, "os_error", None) or exc
-        return UpstreamError(f"{label} is unreachable: {reason}", backend=label)
-    if isinstance(exc, TimeoutError) or (aio and isinstance(exc, aio.ServerTimeoutError)):
+    if isinstance(exc, ConnectError):
+        return UpstreamError(f"{label} is unreachable: {exc}", backend=label)
+    if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"{label} did not answer in time", backend=label)
-    if isinstance(exc, ConnectionClosed) or (
-        aio and isinstance(exc, aio.ServerDisconnectedError | aio.ClientPayloadError)
-    ):
+    if isinstance(exc, ConnectionClosed):
         return UpstreamError(f"{label} closed the connection mid-response", backend=label)
     return UpstreamError(f"{label} failed: {type(exc).__name__}: {exc}", backend=label)
 
@@ -201,11 +195,10 @@ class HttpUpstream:
         data: bytes | None = None,
         params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
-        timeout: Any = None,
+        timeout: float | None = None,
     ) -> _Exchange:
         """Send a request (`async with`); yields the 2xx response, or raises the mapped
-        UpstreamError. `timeout` overrides the entry's: seconds, or an object with `total`
-        and `sock_connect` (e.g. an `aiohttp.ClientTimeout`)."""
+        UpstreamError. `timeout` (seconds) overrides the entry's total timeout."""
         return _Exchange(self, method, path, json, data, params, headers, timeout)
 
     def post(self, path: str, payload: Any, **kw: Any) -> _Exchange:
@@ -245,15 +238,8 @@ class _Exchange:
         method, path, json, data, params, headers, timeout = self.args
         if up._client is None:
             raise UpstreamError(f"{up.label}: client not started", backend=up.label)
-        total, connect = up.timeout, up.connect_timeout
-        if timeout is not None:
-            if isinstance(timeout, int | float):
-                total = timeout
-            else:
-                total = timeout.total
-                connect = getattr(timeout, "sock_connect", None) or getattr(
-                    timeout, "connect", None
-                )
+        total = up.timeout if timeout is None else timeout
+        connect = up.connect_timeout
         content_type = None
         if json is not None:
             data, content_type = orjson.dumps(json), "application/json"

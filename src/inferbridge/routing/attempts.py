@@ -31,7 +31,7 @@ from typing import Any
 
 from inferbridge.backends.base import Backend
 from inferbridge.errors import InferbridgeError, RateLimited, UpstreamError, UpstreamTimeout
-from inferbridge.events import Event
+from inferbridge.events import Event, aclose
 from inferbridge.fanout import fan_out
 from inferbridge.request import InferenceRequest, RouteInfo
 from inferbridge.router import Deployment, ModelGroup, Router
@@ -278,12 +278,3 @@ def prompt_list(request: InferenceRequest) -> list[Any] | None:
     if isinstance(prompt[0], int):
         return None  # one prompt given as token ids
     return prompt
-
-
-async def aclose(stream: Batches | None) -> None:
-    close = getattr(stream, "aclose", None)
-    if close is not None:
-        try:
-            await close()
-        except Exception:  # the stream already failed; its error is being reported
-            log.debug("error while closing a backend stream", exc_info=True)
