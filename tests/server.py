@@ -14,15 +14,20 @@ import openai
 import uvicorn
 
 from inferbridge.app import create_app
+from inferbridge.cli import HTTP_PROTOCOL
 from inferbridge.config import load_config
 
 
 class InferbridgeServer:
-    def __init__(self, config: dict[str, Any], *, api_key: str = "sk-test") -> None:
+    def __init__(
+        self, config: dict[str, Any], *, api_key: str = "sk-test", http: str = HTTP_PROTOCOL
+    ) -> None:
+        """`http`: uvicorn's protocol; `"httptools"` serves the hot routes through plain ASGI."""
         # Access logs off unless a test asks for them: they would print into pytest's output.
         server = {"access_log": False, **(config.get("server") or {})}
         self.config = load_config(data={**config, "server": server}, environ={})
         self.api_key = api_key
+        self.http = http
         self.port = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -53,7 +58,7 @@ class InferbridgeServer:
             host="127.0.0.1",
             port=0,
             loop="uvloop",
-            http="httptools",
+            http=self.http,
             log_level="warning",
             access_log=False,
             lifespan="on",

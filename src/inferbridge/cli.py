@@ -2,7 +2,8 @@
 
 The configuration is loaded and validated here first, so a bad file is reported in plain
 words (exit code 2) before any server starts. The server then runs on uvicorn with uvloop
-and httptools; each worker process builds its app from the same file and overrides.
+and httptools (its protocol extended by `inferbridge.api.http_protocol`); each worker
+process builds its app from the same file and overrides.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import orjson
 from inferbridge import __version__
 from inferbridge.config import ConfigError, load_config
 from inferbridge.inference_server import InferenceServerError, parse_inference_server
+
+# uvicorn's httptools protocol with the two hot routes served without an ASGI cycle.
+HTTP_PROTOCOL = "inferbridge.api.http_protocol:InferbridgeHttpProtocol"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         port=server.port,
         workers=server.workers,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
+        http=HTTP_PROTOCOL,
         log_level=server.log_level,
         access_log=False,  # inferbridge writes its own JSON access log, off the loop
         proxy_headers=False,  # measured: a middleware layer on every request

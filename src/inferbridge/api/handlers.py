@@ -1,16 +1,20 @@
-"""The hot routes, `POST /v1/chat/completions` and `POST /v1/completions`, as raw ASGI.
+"""The hot routes, `POST /v1/chat/completions` and `POST /v1/completions`.
 
-These bypass FastAPI's request machinery (which measured ~40% of a naive proxy's CPU): the
-body is read and validated once, the answer is written as pre-encoded bytes. Flow:
+These bypass FastAPI's request machinery: the body is read and validated once, the answer
+is written as pre-encoded bytes. `CompletionsEndpoint.serve` holds the logic and writes
+through a `Reply`; two transports feed it:
+- `inferbridge.api.http_protocol` (what `inferbridge serve` runs): uvicorn's httptools
+  protocol with these two routes served straight from the connection, no ASGI cycle;
+- `CompletionsEndpoint.__call__`: plain ASGI, for any other ASGI server.
 
-1. read the body (413 past the size limit), check the API key (401);
-2. parse and validate (400 naming the field), route (404 unknown model);
-3. pull the first batch of events *before* sending any header, so a failure that happens
+Flow of `serve`:
+1. check the API key (401); parse and validate (400 naming the field), route (404);
+2. pull the first batch of events *before* sending any header, so a failure that happens
    before the first token is an HTTP error with its real status, not a 200 stream;
-4. stream chunks as each batch arrives, or assemble one JSON response.
+3. stream chunks as each batch arrives, or assemble one JSON response.
 
-A task watches the connection meanwhile: when the client disconnects, the request is
-cancelled, which closes the upstream request too.
+When the client disconnects before the end, the transport cancels the request's task,
+which closes the upstream request too.
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ from inferbridge.request import InferenceRequest, Kind, RouteInfo
 log = logging.getLogger("inferbridge")
 _now = time.perf_counter
 
+Headers = list[tuple[bytes, bytes]]
 Scope = dict[str, Any]
 Receive = Any
 Send = Any
 
-JSON_HEADERS = [(b"content-type", b"application/json")]
-SSE_HEADERS = [
+JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
+SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
@@ -51,44 +56,59 @@ class ClientGone(Exception):
     """The client disconnected; nothing more can be sent."""
 
 
+class Reply:
+    """Where one response goes. `whole` sends a complete response; `start`, `chunk` and
+    `end` send a 200 event stream. `gone` is set by the transport when the client left
+    before the end (it also cancels the request's task); `done` is set by the handler once
+    the last bytes are on their way, after which a disconnect is the normal end."""
+
+    __slots__ = ("done", "gone")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.gone = False
+
+    def watch(self, task: asyncio.Task[Any]) -> None:
+        """From now on, cancel `task` if the client disconnects."""
+
+    def unwatch(self) -> None:
+        """Stop watching (the request is over)."""
+
+    async def whole(self, status: int, headers: Headers, body: bytes) -> None:
+        raise NotImplementedError
+
+    async def start(self, headers: Headers, body: bytes) -> None:
+        raise NotImplementedError
+
+    async def chunk(self, body: bytes) -> None:
+        raise NotImplementedError
+
+    async def end(self, body: bytes) -> None:
+        raise NotImplementedError
+
+
 def internal_error(request_id: str) -> InferbridgeError:
     return InferbridgeError(f"Internal error in inferbridge (request id {request_id}).")
 
 
-async def send_json(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
-) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+def request_id_of(headers: dict[bytes, bytes]) -> str:
+    """The client's `x-request-id` when it is a sane token, else a new id."""
+    given = headers.get(b"x-request-id")
+    if given and len(given) <= 200 and given.isascii():
+        text = given.decode("ascii")
+        if text.isprintable():
+            return text
+    return ids.new_id()
 
 
-async def send_error(send: Send, exc: InferbridgeError, request_id: str) -> None:
+def error_reply(exc: InferbridgeError, request_id: str) -> tuple[int, Headers, bytes]:
     headers = [*JSON_HEADERS, (b"x-request-id", request_id.encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-    await send_json(send, exc.status, exc.body(), headers)
+    return exc.status, headers, exc.body()
 
 
-async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
-    declared = headers.get(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(
-                    f"The request body is larger than the limit of {limit} bytes."
-                )
-            chunks.append(chunk)
-        if not message.get("more_body"):
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
 
 
 class CompletionsEndpoint:
@@ -101,48 +121,57 @@ class CompletionsEndpoint:
         self.observe = gateway.observability
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        timer = RequestTimer()
+        """ASGI entry: read the body, then `serve` through an `AsgiReply`."""
         headers = dict(scope["headers"])
-        rid = headers.get(b"x-request-id")
-        request_id = rid.decode("latin-1") if rid else ids.new_id()
+        reply = AsgiReply(send, receive)
+        try:
+            body = await read_body(receive, headers, self.limit)
+        except ClientGone:
+            return
+        except PayloadTooLarge as exc:
+            self.observe.rejected(exc.status)
+            await reply.whole(*error_reply(exc, request_id_of(headers)))
+            return
+        await self.serve(headers, body, reply)
+
+    async def serve(self, headers: dict[bytes, bytes], body: bytes, reply: Reply) -> None:
+        timer = RequestTimer()
+        request_id = request_id_of(headers)
         try:
             self.gateway.authenticate(headers.get(b"authorization"), headers.get(b"api-key"))
-            body = await read_body(receive, headers, self.limit)
             request = build_request(self.kind, parse_body(body))
             request.request_id = request_id
             route = RouteInfo()
             stream, choices = self.gateway.open_stream(request, route)
-        except ClientGone:
-            return
         except InferbridgeError as exc:
             self.observe.rejected(exc.status)
-            await send_error(send, exc, request_id)
+            await reply.whole(*error_reply(exc, request_id))
             return
         except Exception:
             log.exception("request %s failed before reaching a backend", request_id)
             self.observe.rejected(500)
-            await send_error(send, internal_error(request_id), request_id)
+            await reply.whole(*error_reply(internal_error(request_id), request_id))
             return
 
         timer.routed = _now()
-        exchange = Exchange(request, route, timer, send)
+        exchange = Exchange(request, route, timer, reply)
         self.observe.started(request.model)
         task = asyncio.current_task()
         assert task is not None
-        watch = exchange.watch = DisconnectWatch(receive, task)
+        reply.watch(task)
         try:
             if request.stream:
                 await self._stream(exchange, stream, choices)
             else:
                 await self._complete(exchange, stream, choices)
         except asyncio.CancelledError:
-            if not watch.gone:
+            if not reply.gone:
                 raise
             task.uncancel()
             timer.disconnected = True
             log.info("request %s: client disconnected, upstream request cancelled", request_id)
         finally:
-            watch.stop()
+            reply.unwatch()
             await aclose(stream)
             self.observe.record(
                 request, route, timer, exchange.usage, exchange.error, exchange.completion
@@ -169,15 +198,15 @@ class CompletionsEndpoint:
         headers = [*JSON_HEADERS, *ex.route_headers()]
         if estimated:
             headers.append((b"x-inferbridge-usage-estimated", b"true"))
-        ex.watch.done = True  # from here on, a disconnect is the normal end
-        await send_json(ex.send, 200, orjson.dumps(response), headers)
+        ex.reply.done = True  # from here on, a disconnect is the normal end
+        await ex.reply.whole(200, headers, orjson.dumps(response))
         timer.status = 200
 
     async def _stream(
         self, ex: Exchange, stream: AsyncIterator[Sequence[Event]], choices: int
     ) -> None:
         timer = ex.timer
-        send = ex.send
+        reply = ex.reply
         iterator = stream.__aiter__()
         try:
             first: Sequence[Event] = await iterator.__anext__()
@@ -190,52 +219,40 @@ class CompletionsEndpoint:
 
         encoder = StreamEncoder(ex.request, choices, keep_text=self.observe.log_prompts)
         timer.status = 200
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [*SSE_HEADERS, *ex.route_headers()],
-            }
-        )
-        await send(
-            {
-                "type": "http.response.body",
-                "body": encoder.opening() + encoder.encode(first),
-                "more_body": True,
-            }
+        await reply.start(
+            [*SSE_HEADERS, *ex.route_headers()], encoder.opening() + encoder.encode(first)
         )
         try:
             async for batch in iterator:
                 data = encoder.encode(batch)
                 if data:
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                    await reply.chunk(data)
             tail = encoder.closing()
             ex.usage, _ = encoder.tracker.final_usage(ex.request)
         except Exception as exc:
             tail = error_event(ex.stream_failed(exc).envelope())
         ex.completion = encoder.tracker.text
-        ex.watch.done = True
-        await send({"type": "http.response.body", "body": tail, "more_body": False})
+        reply.done = True
+        await reply.end(tail)
 
 
 class Exchange:
     """One request in flight: what the handler needs to answer and to record it."""
 
-    __slots__ = ("completion", "error", "request", "route", "send", "timer", "usage", "watch")
+    __slots__ = ("completion", "error", "reply", "request", "route", "timer", "usage")
 
     def __init__(
-        self, request: InferenceRequest, route: RouteInfo, timer: RequestTimer, send: Send
+        self, request: InferenceRequest, route: RouteInfo, timer: RequestTimer, reply: Reply
     ) -> None:
         self.request = request
         self.route = route
         self.timer = timer
-        self.send = send
+        self.reply = reply
         self.usage: dict[str, Any] | None = None
         self.error: Exception | None = None
         self.completion: Any = None
-        self.watch: DisconnectWatch
 
-    def route_headers(self) -> list[tuple[bytes, bytes]]:
+    def route_headers(self) -> Headers:
         """x-request-id, x-inferbridge-model (the model that answered, after fallbacks) and
         x-inferbridge-overhead-ms; computed when the response headers leave."""
         overhead = self.timer.overhead = self.timer.overhead_so_far()
@@ -257,8 +274,8 @@ class Exchange:
         err = self._as_error(exc)
         self.timer.status = err.status
         self.timer.overhead = self.timer.overhead_so_far()
-        self.watch.done = True
-        await send_error(self.send, err, self.request.request_id)
+        self.reply.done = True
+        await self.reply.whole(*error_reply(err, self.request.request_id))
 
     def stream_failed(self, exc: Exception) -> InferbridgeError:
         """The stream broke after it started: the error goes out as an SSE event."""
@@ -269,25 +286,69 @@ class Exchange:
         return err
 
 
-class DisconnectWatch:
-    """Cancels the request's task when the client disconnects before the response ends."""
+# -- plain ASGI transport -----------------------------------------------------------------
 
-    __slots__ = ("_task", "_watcher", "done", "gone")
 
-    def __init__(self, receive: Receive, task: asyncio.Task[Any]) -> None:
-        self.gone = False
-        self.done = False
+async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class AsgiReply(Reply):
+    """A `Reply` over ASGI `send`; a watcher task on `receive` notices disconnects."""
+
+    __slots__ = ("_receive", "_send", "_task", "_watcher")
+
+    def __init__(self, send: Send, receive: Receive) -> None:
+        super().__init__()
+        self._send = send
+        self._receive = receive
+        self._task: asyncio.Task[Any] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    def watch(self, task: asyncio.Task[Any]) -> None:
         self._task = task
-        self._watcher = asyncio.create_task(self._watch(receive))
+        self._watcher = asyncio.create_task(self._watch())
 
-    async def _watch(self, receive: Receive) -> None:
+    def unwatch(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def _watch(self) -> None:
         while True:
-            message = await receive()
+            message = await self._receive()
             if message["type"] == "http.disconnect":
-                if not self.done:
+                if not self.done and self._task is not None:
                     self.gone = True
                     self._task.cancel()
                 return
 
-    def stop(self) -> None:
-        self._watcher.cancel()
+    async def whole(self, status: int, headers: Headers, body: bytes) -> None:
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body})
+
+    async def start(self, headers: Headers, body: bytes) -> None:
+        await self._send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self.chunk(body)
+
+    async def chunk(self, body: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": body, "more_body": True})
+
+    async def end(self, body: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,256 @@
+"""The HTTP protocol `inferbridge serve` runs: uvicorn's httptools protocol, with the two
+hot routes served straight from the connection instead of through an ASGI cycle.
+
+For `POST /v1/chat/completions` and `POST /v1/completions` (with or without `/v1`) the
+body is collected as the parser delivers it, and one task per request runs
+`CompletionsEndpoint.serve` with a `HotCycle` as its `Reply`, which writes the status line,
+headers and body to the transport itself: a whole JSON response in one write, each stream
+batch as one chunk. Measured in bench/, this saves the per-request ASGI plumbing (scope,
+receive/send messages, header re-validation, two writes per response) and the disconnect
+watcher task: `connection_lost` cancels the request directly.
+
+Everything else (other paths and methods, the lifespan, keep-alive, pipelining, flow
+control, graceful shutdown, limits, bad requests) stays uvicorn's: requests that are not
+hot go through `HttpToolsProtocol` unchanged, and a hot request behaves the same way on
+the wire as under plain ASGI (tests run both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from inferbridge.api.handlers import (
+    CompletionsEndpoint,
+    Headers,
+    Reply,
+    error_reply,
+    internal_error,
+    request_id_of,
+    too_large,
+)
+
+log = logging.getLogger("inferbridge")
+
+_LAST_CHUNK = b"0\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def hot_routes(app: Any) -> dict[bytes, CompletionsEndpoint]:
+    """The hot routes of an inferbridge `FrontDoor`, looked for under uvicorn's wrappers;
+    empty for any other app (then this protocol is plain `HttpToolsProtocol`)."""
+    for _ in range(8):
+        routes = getattr(app, "hot", None)
+        if isinstance(routes, dict):
+            return {path.encode(): endpoint for path, endpoint in routes.items()}
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return {}
+
+
+class InferbridgeHttpProtocol(HttpToolsProtocol):
+    """`HttpToolsProtocol` plus the hot routes (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hot = hot_routes(self.app)
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        if self.hot and parser.get_method() == b"POST" and not parser.should_upgrade():
+            endpoint = self.hot.get(httptools.parse_url(self.url).path)
+            if endpoint is not None and not self._over_concurrency_limit():
+                self._begin_hot(endpoint)
+                return
+        super().on_headers_complete()
+
+    def _over_concurrency_limit(self) -> bool:
+        limit = self.limit_concurrency
+        return limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit)
+
+    def _begin_hot(self, endpoint: CompletionsEndpoint) -> None:
+        previous = self.cycle
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        cycle = HotCycle(self, endpoint, dict(self.headers), keep_alive)
+        cycle.queued = previous is not None and not previous.response_complete
+        self.cycle = cycle  # type: ignore[assignment]
+        declared = cycle.headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > endpoint.limit:
+            cycle.refuse_too_large()
+        elif self.expect_100_continue:
+            self.transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if isinstance(cycle, HotCycle):
+            cycle.add_body(body)
+        else:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if not isinstance(cycle, HotCycle):
+            super().on_message_complete()
+        elif not cycle.response_complete:
+            if cycle.queued:  # pipelined behind a response still being written
+                self.flow.pause_reading()
+                self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
+            else:
+                self._start_hot(cycle)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        if isinstance(cycle, HotCycle):
+            self._start_hot(cycle)
+        else:
+            super()._start_asgi_task(cycle, app)
+
+    def _start_hot(self, cycle: HotCycle) -> None:
+        task = cycle.task = self.loop.create_task(cycle.run())
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        if isinstance(cycle, HotCycle):
+            self.cycle = None  # type: ignore[assignment]
+            cycle.connection_lost()
+        super().connection_lost(exc)
+
+
+class HotCycle(Reply):
+    """One hot request on a connection: its body as it arrives, then its response."""
+
+    __slots__ = (
+        "body",
+        "endpoint",
+        "flow",
+        "headers",
+        "keep_alive",
+        "protocol",
+        "queued",
+        "response_complete",
+        "size",
+        "started",
+        "task",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        protocol: InferbridgeHttpProtocol,
+        endpoint: CompletionsEndpoint,
+        headers: dict[bytes, bytes],
+        keep_alive: bool,
+    ) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.transport = protocol.transport
+        self.flow = protocol.flow
+        self.endpoint = endpoint
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.body: list[bytes] = []
+        self.size = 0
+        self.queued = False
+        self.started = False
+        self.response_complete = False
+        self.task: asyncio.Task[None] | None = None
+
+    # -- request --------------------------------------------------------------------------
+    def add_body(self, data: bytes) -> None:
+        if self.response_complete:
+            return
+        self.size += len(data)
+        if self.size > self.endpoint.limit:
+            self.refuse_too_large()
+        else:
+            self.body.append(data)
+
+    def refuse_too_large(self) -> None:
+        """413 at once, and close: the rest of the body is not worth reading."""
+        self.endpoint.observe.rejected(413)
+        self.keep_alive = False
+        status, headers, body = error_reply(
+            too_large(self.endpoint.limit), request_id_of(self.headers)
+        )
+        self._write_whole(status, headers, body)
+
+    async def run(self) -> None:
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self.body = []
+        try:
+            await self.endpoint.serve(self.headers, body, self)
+        except asyncio.CancelledError:
+            if not self.gone:
+                raise
+        except Exception:
+            request_id = request_id_of(self.headers)
+            log.exception("request %s failed", request_id)
+            if not self.started and not self.gone:
+                self.keep_alive = False
+                self._write_whole(*error_reply(internal_error(request_id), request_id))
+        if not self.response_complete and not self.gone:
+            self.transport.close()  # the response cannot be completed
+
+    def connection_lost(self) -> None:
+        if not self.response_complete:
+            self.gone = True
+            if self.task is not None and not self.done:
+                self.task.cancel()
+
+    # -- Reply ----------------------------------------------------------------------------
+    async def whole(self, status: int, headers: Headers, body: bytes) -> None:
+        if not self.gone:
+            self._write_whole(status, headers, body)
+
+    async def start(self, headers: Headers, body: bytes) -> None:
+        if self.gone:
+            return
+        self.started = True
+        head = self._head(200, headers, b"transfer-encoding: chunked\r\n")
+        self.transport.write(head + b"%x\r\n%b\r\n" % (len(body), body) if body else head)
+        if self.flow.write_paused:
+            await self.flow.drain()
+
+    async def chunk(self, body: bytes) -> None:
+        if self.gone:
+            return
+        self.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        if self.flow.write_paused:
+            await self.flow.drain()
+
+    async def end(self, body: bytes) -> None:
+        if self.gone:
+            return
+        self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else _LAST_CHUNK)
+        self._complete()
+
+    # -- writing --------------------------------------------------------------------------
+    def _head(self, status: int, headers: Headers, framing: bytes) -> bytes:
+        parts = [STATUS_LINE[status]]
+        for name, value in self.protocol.server_state.default_headers:
+            parts += (name, b": ", value, b"\r\n")
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(framing)
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _write_whole(self, status: int, headers: Headers, body: bytes) -> None:
+        self.started = True
+        head = self._head(status, headers, b"content-length: %d\r\n" % len(body))
+        self.transport.write(head + body)
+        self._complete()
+
+    def _complete(self) -> None:
+        self.response_complete = True
+        if not self.keep_alive:
+            self.transport.close()
+        self.protocol.on_response_complete()
