@@ -158,8 +158,19 @@ def test_serve_with_config_file_and_two_workers(tmp_path):
                 model="demo", messages=[{"role": "user", "content": "two workers"}]
             )
             assert r.choices[0].message.content == "two workers"
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        assert 'inferbridge_requests_total{backend="echo"' in metrics
+        # Each worker flushes its counts at least every second: the sum reaches 4.
+        deadline = time.monotonic() + 5
+        while True:
+            metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            total = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith('inferbridge_requests_total{backend="echo"')
+            )
+            if total == 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert total == 4, metrics
     finally:
         proc.terminate()
         proc.wait(10)
