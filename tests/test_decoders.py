@@ -32,6 +32,38 @@ def test_sse_every_split_gives_the_same_events():
         assert decode_in_pieces(size) == expected, size
 
 
+LF_STREAM = (
+    b'data: {"n": 1}\n\n'
+    b": ping\n\n"
+    b'data: {"n": 2}\n\n\n'
+    b"data: two\ndata: lines\n\n"
+    b'event: note\ndata: {"n": 3}\n\n'
+    b"data:tight\n\n"
+    b"data: [DONE]\n\n"
+    b"data: unterminated"
+)
+
+
+def test_sse_lf_only_stream_every_split_gives_the_same_events():
+    """`\\n`-only streams take the decoder's fast path; mixed events must still decode."""
+    expected = [
+        (None, b'{"n": 1}'),
+        (None, b'{"n": 2}'),
+        (None, b"two\nlines"),
+        ("note", b'{"n": 3}'),
+        (None, b"tight"),
+        (None, b"[DONE]"),
+        (None, b"unterminated"),
+    ]
+    for size in range(1, len(LF_STREAM) + 1):
+        dec = SSEDecoder()
+        out = []
+        for i in range(0, len(LF_STREAM), size):
+            out += dec.feed(LF_STREAM[i : i + size])
+        out += dec.flush()
+        assert [(e.event, e.data) for e in out] == expected, size
+
+
 def test_sse_flush_returns_an_unterminated_last_event():
     dec = SSEDecoder()
     assert [e.data for e in dec.feed(b"data: {}\n\ndata: last")] == [b"{}"]
