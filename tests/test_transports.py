@@ -340,11 +340,7 @@ def test_whole_response_and_keep_alive(server):
         assert not conn.closed_by_server(timeout=0.2)
 
 
-@transports(
-    asgi_bug="AsgiReply.whole sends no content-length header, so uvicorn frames every "
-    "non-streaming JSON answer (200 and errors) with transfer-encoding: chunked, unlike the "
-    "inferbridge protocol"
-)
+@transports()
 def test_whole_responses_are_content_length_framed(server):
     with Conn(server) as conn:
         conn.send(request(chat("framed by length")))
@@ -431,11 +427,7 @@ def test_no_keep_alive_closes(server, version, headers):
         assert conn.closed_by_server()
 
 
-@transports(
-    asgi_bug="without a content-length from AsgiReply.whole, uvicorn answers an HTTP/1.0 "
-    "request with transfer-encoding: chunked, which HTTP/1.0 clients do not understand "
-    "(RFC 9112 section 6.1: not to be sent unless the request is HTTP/1.1)"
-)
+@transports()
 def test_http10_whole_response_is_not_chunked(server):
     with Conn(server) as conn:
         conn.send(request(chat("old client"), version="1.0"))
@@ -445,9 +437,8 @@ def test_http10_whole_response_is_not_chunked(server):
 
 
 @transports(
-    inferbridge_bug="HotCycle.start always sends transfer-encoding: chunked, also to an "
-    "HTTP/1.0 client (RFC 9112 section 6.1); it should send the stream unframed and close",
-    asgi_bug="uvicorn's httptools protocol also chunks a length-less response to HTTP/1.0",
+    asgi_bug="uvicorn's httptools protocol chunks a length-less response to HTTP/1.0 "
+    "(RFC 9112 section 6.1); the inferbridge protocol sends it unframed and closes",
 )
 def test_http10_stream_is_not_chunked(server):
     with Conn(server) as conn:
@@ -553,16 +544,7 @@ def test_pipelined_requests_answered_in_order(server):
     assert fourth.json()["choices"][0]["text"] == "fourth"
 
 
-@transports(
-    inferbridge_bug="a pipelined hot request is only queued (HotCycle.queued) if the "
-    "previous response is unfinished when its *headers* are parsed; if that response "
-    "finishes before the body arrives, on_message_complete still queues it in "
-    "protocol.pipeline, nothing ever pops it, reading stays paused and the request hangs "
-    "(the connection then never closes, even when the client leaves, and blocks a "
-    "graceful shutdown)",
-    raises=TimeoutError,
-    fixture="own_server",
-)
+@transports(fixture="own_server")
 def test_pipelined_request_whose_body_arrives_after_previous_response(own_server):
     second = request(chat("late body"))
     head, _, body = second.partition(b"\r\n\r\n")
@@ -573,12 +555,7 @@ def test_pipelined_request_whose_body_arrives_after_previous_response(own_server
         assert answer(conn.read_response()) == "late body"
 
 
-@transports(
-    inferbridge_bug="_begin_hot answers a declared over-limit body with 413 at once even "
-    "when the request is pipelined behind a response still being written: the 413 lands "
-    "inside the previous response's chunked body and the connection is closed, which "
-    "truncates that response (its task then fails writing to the closed transport)"
-)
+@transports()
 def test_pipelined_too_large_waits_for_previous_response(server):
     with Conn(server) as conn:
         conn.send(request(chat("a b c d e", model="slow", stream=True)))
@@ -592,11 +569,7 @@ def test_pipelined_too_large_waits_for_previous_response(server):
         assert conn.read_response().json() == TOO_LARGE
 
 
-@transports(
-    inferbridge_bug="_begin_hot writes 'HTTP/1.1 100 Continue' as soon as the headers of "
-    "a pipelined request are parsed, even while the previous response is being written: "
-    "the interim response lands inside the previous response's chunked body"
-)
+@transports()
 def test_pipelined_expect_100_waits_for_previous_response(server):
     body = orjson.dumps(chat("second"))
     head = request(body, headers=(("expect", "100-continue"),)).partition(b"\r\n\r\n")[0]

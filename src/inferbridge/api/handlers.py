@@ -340,6 +340,7 @@ class AsgiReply(Reply):
                 return
 
     async def whole(self, status: int, headers: Headers, body: bytes) -> None:
+        headers = [*headers, (b"content-length", b"%d" % len(body))]
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
         await self._send({"type": "http.response.body", "body": body})
 

@@ -75,15 +75,28 @@ class InferbridgeHttpProtocol(HttpToolsProtocol):
 
     def _begin_hot(self, endpoint: CompletionsEndpoint) -> None:
         previous = self.cycle
-        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-        cycle = HotCycle(self, endpoint, dict(self.headers), keep_alive)
-        cycle.queued = previous is not None and not previous.response_complete
+        http10 = self.parser.get_http_version() == "1.0"
+        keep_alive = not http10 and self.parser.should_keep_alive()
+        cycle = HotCycle(self, endpoint, dict(self.headers), keep_alive, chunked=not http10)
+        if previous is not None and not previous.response_complete:
+            cycle.previous = previous  # pipelined: answer only after `previous`
         self.cycle = cycle  # type: ignore[assignment]
         declared = cycle.headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > endpoint.limit:
             cycle.refuse_too_large()
         elif self.expect_100_continue:
-            self.transport.write(_CONTINUE)
+            if cycle.previous is None:
+                self.transport.write(_CONTINUE)
+            else:  # a 100 now would land inside the previous response: on its turn
+                cycle.expect_continue = True
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        previous = cycle.previous if isinstance(cycle, HotCycle) else None
+        if previous is not None and previous.response_complete:
+            cycle.previous = None
+            cycle.take_turn()
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
@@ -97,7 +110,9 @@ class InferbridgeHttpProtocol(HttpToolsProtocol):
         if not isinstance(cycle, HotCycle):
             super().on_message_complete()
         elif not cycle.response_complete:
-            if cycle.queued:  # pipelined behind a response still being written
+            previous, cycle.previous = cycle.previous, None
+            if previous is not None and not previous.response_complete:
+                # Pipelined behind a response still being written: its completion starts it.
                 self.flow.pause_reading()
                 self.pipeline.appendleft((cycle, None))  # type: ignore[arg-type]
             else:
@@ -127,16 +142,19 @@ class HotCycle(Reply):
 
     __slots__ = (
         "body",
+        "chunked",
         "endpoint",
+        "expect_continue",
         "flow",
         "headers",
         "keep_alive",
+        "previous",
         "protocol",
-        "queued",
         "response_complete",
         "size",
         "started",
         "task",
+        "too_large",
         "transport",
     )
 
@@ -146,6 +164,8 @@ class HotCycle(Reply):
         endpoint: CompletionsEndpoint,
         headers: dict[bytes, bytes],
         keep_alive: bool,
+        *,
+        chunked: bool = True,
     ) -> None:
         super().__init__()
         self.protocol = protocol
@@ -154,16 +174,19 @@ class HotCycle(Reply):
         self.endpoint = endpoint
         self.headers = headers
         self.keep_alive = keep_alive
+        self.chunked = chunked  # HTTP/1.0 has no chunked framing: the close ends a stream
         self.body: list[bytes] = []
         self.size = 0
-        self.queued = False
+        self.previous: Any = None  # the cycle whose response must go out first
+        self.too_large = False
+        self.expect_continue = False
         self.started = False
         self.response_complete = False
         self.task: asyncio.Task[None] | None = None
 
     # -- request --------------------------------------------------------------------------
     def add_body(self, data: bytes) -> None:
-        if self.response_complete:
+        if self.response_complete or self.too_large:
             return
         self.size += len(data)
         if self.size > self.endpoint.limit:
@@ -172,7 +195,22 @@ class HotCycle(Reply):
             self.body.append(data)
 
     def refuse_too_large(self) -> None:
-        """413 at once, and close: the rest of the body is not worth reading."""
+        """413 and close, at once unless a previous response is still being written: the
+        rest of the body is not worth reading."""
+        self.too_large = True
+        self.body = []
+        previous = self.previous
+        if previous is None or previous.response_complete:
+            self._refuse()
+
+    def take_turn(self) -> None:
+        """The response before this pipelined request is complete: do what waited for it."""
+        if self.too_large:
+            self._refuse()
+        elif self.expect_continue:
+            self.transport.write(_CONTINUE)
+
+    def _refuse(self) -> None:
         self.endpoint.observe.rejected(413)
         self.keep_alive = False
         status, headers, body = error_reply(
@@ -181,6 +219,9 @@ class HotCycle(Reply):
         self._write_whole(status, headers, body)
 
     async def run(self) -> None:
+        if self.too_large:
+            self._refuse()
+            return
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.body = []
         try:
@@ -212,22 +253,31 @@ class HotCycle(Reply):
         if self.gone:
             return
         self.started = True
-        head = self._head(200, headers, b"transfer-encoding: chunked\r\n")
-        self.transport.write(head + b"%x\r\n%b\r\n" % (len(body), body) if body else head)
+        if not self.chunked:
+            self.keep_alive = False
+            self.transport.write(self._head(200, headers, b"") + body)
+        else:
+            head = self._head(200, headers, b"transfer-encoding: chunked\r\n")
+            self.transport.write(head + b"%x\r\n%b\r\n" % (len(body), body) if body else head)
         if self.flow.write_paused:
             await self.flow.drain()
 
     async def chunk(self, body: bytes) -> None:
         if self.gone:
             return
-        self.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        self.transport.write(b"%x\r\n%b\r\n" % (len(body), body) if self.chunked else body)
         if self.flow.write_paused:
             await self.flow.drain()
 
     async def end(self, body: bytes) -> None:
         if self.gone:
             return
-        self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else _LAST_CHUNK)
+        if not self.chunked:
+            self.transport.write(body)
+        elif body:
+            self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+        else:
+            self.transport.write(_LAST_CHUNK)
         self._complete()
 
     # -- writing --------------------------------------------------------------------------
