@@ -2,9 +2,11 @@
 
 The OpenAI layer creates one `RequestTimer` per request, marks a few instants on it (routed,
 first upstream batch, last upstream batch) and hands it to `Observability.record` once at
-the end: nothing is recorded per chunk. Access-log lines are written by a background thread
-(a `QueueListener`), so a slow log sink never blocks the event loop. Prompts and completions
-appear in access logs only with `server.log_prompts: true`.
+the end: nothing is recorded per chunk. Metrics are counted in plain dicts on the loop
+(`PendingMetrics`) and moved into prometheus_client when they are read. Access-log lines are
+written by a background thread (`AccessLogWriter`), so a slow log sink never blocks the
+event loop. Prompts and completions appear in access logs only with
+`server.log_prompts: true`.
 
 Proxy overhead = time spent in inferbridge before the upstream call was made plus the time
 from the upstream's answer (its first batch when streaming, its last otherwise) to the
@@ -39,8 +41,8 @@ from inferbridge.request import InferenceRequest, RouteInfo
 _now = time.perf_counter
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-FLUSH_INTERVAL = 1.0  # seconds, with several workers: how stale another worker's /metrics is
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+FLUSH_INTERVAL = 1.0  # seconds, with several workers: how stale another worker's /metrics is
 
 
 class RequestTimer:
@@ -165,9 +167,9 @@ class PendingMetrics:
         # histogram -> labels -> [per-bucket counts..., sum]
         self.observed: dict[Any, dict[tuple[str, ...], list[float]]] = {}
         self.in_flight: dict[str, int] = {}
+        # each histogram's finite bucket bounds (the last bucket, +Inf, takes the rest)
         self._bounds = {
-            id(h): (*h._upper_bounds[:-1],)
-            for h in (metrics.latency, metrics.ttft, metrics.overhead)
+            h: (*h._upper_bounds[:-1],) for h in (metrics.latency, metrics.ttft, metrics.overhead)
         }
 
     def inc(self, metric: Any, labels: tuple[str, ...], amount: float = 1.0) -> None:
@@ -180,7 +182,7 @@ class PendingMetrics:
         if per_label is None:
             per_label = self.observed[metric] = {}
         entry = per_label.get(labels)
-        bounds = self._bounds[id(metric)]
+        bounds = self._bounds[metric]
         if entry is None:
             entry = per_label[labels] = [0.0] * (len(bounds) + 2)
         entry[bisect_left(bounds, value)] += 1
@@ -195,8 +197,8 @@ class PendingMetrics:
         observed, self.observed = self.observed, {}
         for metric, per_label in observed.items():
             for labels, entry in per_label.items():
-                # Histogram internals (stable across prometheus_client releases): one value
-                # per bucket, not cumulative, and the sum; `observe()` updates the same.
+                # Histogram internals, as `observe()` updates them: one value per bucket (not
+                # cumulative) and the sum. pyproject.toml bounds prometheus-client for this.
                 target = child(metric, labels)
                 for index, n in enumerate(entry[:-1]):
                     if n:

@@ -111,6 +111,12 @@ def too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
 
 
+def declared_too_large(headers: dict[bytes, bytes], limit: int) -> bool:
+    """Whether the request's `content-length` alone is past `limit`."""
+    declared = headers.get(b"content-length")
+    return declared is not None and declared.isdigit() and int(declared) > limit
+
+
 class CompletionsEndpoint:
     """One of the two hot routes (`kind` "chat" or "completion")."""
 
@@ -290,8 +296,7 @@ class Exchange:
 
 
 async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
-    declared = headers.get(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared_too_large(headers, limit):
         raise too_large(limit)
     chunks: list[bytes] = []
     size = 0

@@ -28,6 +28,7 @@ from inferbridge.api.handlers import (
     CompletionsEndpoint,
     Headers,
     Reply,
+    declared_too_large,
     error_reply,
     internal_error,
     request_id_of,
@@ -81,8 +82,7 @@ class InferbridgeHttpProtocol(HttpToolsProtocol):
         if previous is not None and not previous.response_complete:
             cycle.previous = previous  # pipelined: answer only after `previous`
         self.cycle = cycle  # type: ignore[assignment]
-        declared = cycle.headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > endpoint.limit:
+        if declared_too_large(cycle.headers, endpoint.limit):
             cycle.refuse_too_large()
         elif self.expect_100_continue:
             if cycle.previous is None:
