@@ -66,3 +66,39 @@ def test_access_log_includes_prompts_when_enabled(serve, capfd):
     line = _access_lines(capfd)[-1]
     assert line["messages"] == USER
     assert "".join(line["completion"]) == "secret words here"
+
+
+def test_pending_metrics_flush_equals_direct_prometheus_calls():
+    """Counting in plain dicts then flushing gives the exposition that calling
+    prometheus_client directly gives: same counters, bucket counts, sums and gauge."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from inferbridge.observability import Metrics
+
+    values = [0.00005, 0.0001, 0.0003, 0.002, 0.07, 0.5, 3.0, 400.0]
+    pending_side = Metrics(CollectorRegistry())
+    direct = Metrics(CollectorRegistry())
+    p = pending_side.pending
+    for v in values:
+        p.observe(pending_side.latency, ("m",), v)
+        p.observe(pending_side.overhead, ("m",), v)
+        direct.latency.labels("m").observe(v)
+        direct.overhead.labels("m").observe(v)
+    p.inc(pending_side.requests, ("m", "d", "echo", "200"))
+    p.inc(pending_side.requests, ("m", "d", "echo", "200"))
+    p.inc(pending_side.tokens, ("m", "prompt"), 7)
+    direct.requests.labels("m", "d", "echo", "200").inc(2)
+    direct.tokens.labels("m", "prompt").inc(7)
+    p.in_flight["m"] = 3
+    direct.in_flight.labels("m").set(3)
+    p.flush()
+    p.observe(pending_side.latency, ("m",), 0.01)  # after a flush: added to what is there
+    direct.latency.labels("m").observe(0.01)
+    p.flush()
+
+    def lines(m: Metrics) -> list[str]:
+        text = generate_latest(m.registry).decode()
+        return [line for line in text.splitlines() if "_created" not in line]
+
+    assert lines(pending_side) == lines(direct)
+    assert any('le="0.0005"' in x for x in lines(direct))
