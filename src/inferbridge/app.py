@@ -14,6 +14,7 @@ alone is ~12 MB of a ~60 MB process, so an instance nobody browses never loads i
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import Any
@@ -27,6 +28,23 @@ from inferbridge.config import Config, load_config
 from inferbridge.gateway import Gateway
 
 log = logging.getLogger("inferbridge")
+
+# Allocations between two young-generation collections (CPython's default is 700). A
+# request allocates a few hundred containers that mostly die by reference counting; at 700
+# the collector ran every few requests and promoted the live ones of requests in flight,
+# whose later deaths then triggered full collections. Measured under load: 3-5% of the CPU
+# and ~20 ms pauses (a full pass over the ~40,000 objects of the loaded modules).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def settle_heap() -> None:
+    """After start-up: move what is loaded by now out of the collector's sight (modules,
+    config, clients live for the whole process) and collect the young generation less
+    often. Reference cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 class FrontDoor:
@@ -78,6 +96,7 @@ class FrontDoor:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                settle_heap()
                 log.info(
                     "inferbridge %s serving models: %s",
                     __version__,
