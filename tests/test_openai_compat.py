@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import socket
 import time
 
@@ -318,3 +320,31 @@ async def test_health_check_lists_models(upstream):
     finally:
         for backend in (ok, down):
             await backend.close()
+
+
+def test_a_slow_client_gets_a_large_stream_intact(proxy, upstream):
+    """The upstream outruns the client: the proxy stops reading the upstream while the
+    client's buffers are full and resumes once they drain (push delivery's flow control).
+    The stream is larger than what the kernel buffers between proxy and client can hold."""
+    upstream.reply = [f"<{i:05d}>" + "x" * 1000 for i in range(8000)]  # ~8 MB of chunks
+    body = json.dumps({"model": "mistral", "messages": MESSAGES, "stream": True})
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    conn.sock = socket.socket()
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    conn.sock.settimeout(30)
+    conn.sock.connect(("127.0.0.1", proxy.port))
+    try:
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        time.sleep(1.0)  # not reading: the proxy's buffer toward the client fills up
+        data = resp.read()
+    finally:
+        conn.close()
+    got = []
+    for line in data.decode().splitlines():
+        if line.startswith("data: {"):
+            choices = json.loads(line[6:])["choices"]
+            if choices and choices[0]["delta"].get("content"):
+                got.append(choices[0]["delta"]["content"])
+    assert data.endswith(b"data: [DONE]\n\n")
+    assert "".join(got) == "".join(upstream.reply)

@@ -15,8 +15,8 @@ Finish reasons use the normalized vocabulary: "stop", "length", "tool_calls",
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
 
 
 class TextDelta:
@@ -136,6 +136,38 @@ def normalize_finish(reason: str | None) -> str:
     if not reason:
         return "stop"
     return _FINISH_ALIASES.get(reason, "stop")
+
+
+class BatchSink(Protocol):
+    """Where pushed batches go: the OpenAI layer's side of push delivery (`Delivery`)."""
+
+    def push(self, batch: Sequence[Event]) -> bool:
+        """Take a batch now, from a callback; False when the client cannot take more yet
+        (the producer then holds its source until `when_writable` calls back)."""
+        ...
+
+    def when_writable(self, resume: Callable[[], None]) -> None:
+        """Call `resume` once the client can take more."""
+        ...
+
+
+class Delivery:
+    """How the batches after the first reach the OpenAI layer: pulled by default, pushed
+    once the consumer sets `sink`.
+
+    Pulling costs a task wake-up and a generator hop per layer for every upstream read.
+    A consumer that can write synchronously (inferbridge's own HTTP transport) sets `sink`
+    after the first batch; an adapter whose source is callback-driven (an HTTP body, see
+    `HttpUpstream.events`) then hands each later batch to `sink.push` from the socket's
+    callback and yields only what is left at the end. Layers in between may wrap the sink
+    (the idle watchdog does). Errors, the end of the stream and cancellation still travel
+    through the iterator as before.
+    """
+
+    __slots__ = ("sink",)
+
+    def __init__(self) -> None:
+        self.sink: BatchSink | None = None
 
 
 async def aclose(stream: AsyncIterator[Sequence[Event]] | None) -> None:

@@ -9,7 +9,10 @@ or `prompt` (legacy completions).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from inferbridge.events import Delivery
 
 Kind = Literal["chat", "completion"]
 
@@ -35,6 +38,9 @@ class InferenceRequest:
     body: dict[str, Any] = field(default_factory=dict)
     """The client's original JSON body, for pass-through adapters."""
     request_id: str = ""
+    delivery: Delivery | None = None
+    """Set by the OpenAI layer on streamed requests: lets the stream push its batches
+    (`inferbridge.events.Delivery`)."""
 
     @property
     def max_tokens(self) -> int | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -31,7 +31,7 @@ from inferbridge import ids
 from inferbridge.api.protocol import build_request, parse_body
 from inferbridge.api.responses import ResponseAssembler, StreamEncoder, error_event
 from inferbridge.errors import InferbridgeError, PayloadTooLarge
-from inferbridge.events import Event, aclose
+from inferbridge.events import Delivery, Event, aclose
 from inferbridge.gateway import Gateway
 from inferbridge.observability import RequestTimer
 from inferbridge.request import InferenceRequest, Kind, RouteInfo
@@ -64,6 +64,10 @@ class Reply:
 
     __slots__ = ("done", "gone")
 
+    can_push = False
+    """Whether `write_now` / `when_writable` work: stream chunks can be written from a
+    callback, without awaiting (see `inferbridge.events.Delivery`)."""
+
     def __init__(self) -> None:
         self.done = False
         self.gone = False
@@ -85,6 +89,31 @@ class Reply:
 
     async def end(self, body: bytes) -> None:
         raise NotImplementedError
+
+    def write_now(self, body: bytes) -> bool:
+        """Send a stream chunk at once; False when the client's buffer is full."""
+        raise NotImplementedError
+
+    def when_writable(self, resume: Callable[[], None]) -> None:
+        """Call `resume` once the client's buffer has drained (or the client is gone)."""
+        raise NotImplementedError
+
+
+class PushedChunks:
+    """The OpenAI layer's `BatchSink`: encodes each pushed batch and writes it at once."""
+
+    __slots__ = ("encoder", "reply")
+
+    def __init__(self, encoder: StreamEncoder, reply: Reply) -> None:
+        self.encoder = encoder
+        self.reply = reply
+
+    def push(self, batch: Sequence[Event]) -> bool:
+        data = self.encoder.encode(batch)
+        return self.reply.write_now(data) if data else True
+
+    def when_writable(self, resume: Callable[[], None]) -> None:
+        self.reply.when_writable(resume)
 
 
 def internal_error(request_id: str) -> InferbridgeError:
@@ -147,6 +176,8 @@ class CompletionsEndpoint:
             self.gateway.authenticate(headers.get(b"authorization"), headers.get(b"api-key"))
             request = build_request(self.kind, parse_body(body))
             request.request_id = request_id
+            if request.stream and reply.can_push:
+                request.delivery = Delivery()
             route = RouteInfo()
             stream, choices = self.gateway.open_stream(request, route)
         except InferbridgeError as exc:
@@ -228,6 +259,9 @@ class CompletionsEndpoint:
         await reply.start(
             [*SSE_HEADERS, *ex.route_headers()], encoder.opening() + encoder.encode(first)
         )
+        delivery = ex.request.delivery
+        if delivery is not None:  # later batches may come by callback, straight to the client
+            delivery.sink = PushedChunks(encoder, reply)
         try:
             async for batch in iterator:
                 data = encoder.encode(batch)

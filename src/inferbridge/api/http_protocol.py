@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -140,6 +141,8 @@ class InferbridgeHttpProtocol(HttpToolsProtocol):
 class HotCycle(Reply):
     """One hot request on a connection: its body as it arrives, then its response."""
 
+    can_push = True
+
     __slots__ = (
         "body",
         "chunked",
@@ -151,6 +154,7 @@ class HotCycle(Reply):
         "previous",
         "protocol",
         "response_complete",
+        "resumer",
         "size",
         "started",
         "task",
@@ -183,6 +187,7 @@ class HotCycle(Reply):
         self.started = False
         self.response_complete = False
         self.task: asyncio.Task[None] | None = None
+        self.resumer: asyncio.Task[None] | None = None
 
     # -- request --------------------------------------------------------------------------
     def add_body(self, data: bytes) -> None:
@@ -268,6 +273,20 @@ class HotCycle(Reply):
         self.transport.write(b"%x\r\n%b\r\n" % (len(body), body) if self.chunked else body)
         if self.flow.write_paused:
             await self.flow.drain()
+
+    def write_now(self, body: bytes) -> bool:
+        if self.gone:
+            return True
+        self.transport.write(b"%x\r\n%b\r\n" % (len(body), body) if self.chunked else body)
+        return not self.flow.write_paused
+
+    def when_writable(self, resume: Callable[[], None]) -> None:
+        self.resumer = asyncio.ensure_future(self._resume_when_drained(resume))
+
+    async def _resume_when_drained(self, resume: Callable[[], None]) -> None:
+        if self.flow.write_paused and not self.gone:
+            await self.flow.drain()
+        resume()
 
     async def end(self, body: bytes) -> None:
         if self.gone:

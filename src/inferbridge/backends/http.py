@@ -17,9 +17,10 @@ replaced httpx's pool, measured ~8x costlier still).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -36,6 +37,7 @@ from inferbridge.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from inferbridge.events import BatchSink, Delivery, Event
 
 
 def error_message(body: bytes) -> str:
@@ -129,6 +131,23 @@ def load_json(label: str, data: bytes, what: str = "stream event") -> Any:
         ) from None
 
 
+class StreamParser(Protocol):
+    """Turns a streamed body into events for `HttpUpstream.events`; one per answer."""
+
+    done: bool
+    """The protocol's own end was seen (e.g. `data: [DONE]`): the rest is not read."""
+    error: UpstreamError | None
+    """Set instead of raising, so the events decoded before the error still go out."""
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Events of the next piece of body (bytes may split anywhere)."""
+        ...
+
+    def finish(self) -> list[Event]:
+        """Events left at the end of the body; sets `error` if the answer was cut short."""
+        ...
+
+
 # What the client raises for a failed exchange (TimeoutError is an OSError).
 _FAILURES = (OSError, HttpClientError)
 
@@ -203,6 +222,58 @@ class HttpUpstream:
 
     def post(self, path: str, payload: Any, **kw: Any) -> _Exchange:
         return self.request("POST", path, json=payload, **kw)
+
+    async def events(
+        self, resp: Response, parser: StreamParser, delivery: Delivery | None
+    ) -> AsyncIterator[list[Event]]:
+        """The body's events, batch by batch, as `parser` decodes them.
+
+        Pulled at first (each batch is yielded). Once the consumer has set
+        `delivery.sink`, the rest is pushed: each upstream read is parsed and handed to the
+        sink from the connection's callback, and this generator only yields what is left
+        at the end. Either way a parse error is raised after the events before it went out.
+        """
+        read = resp.read_any
+        try:
+            while not parser.done:
+                if delivery is not None and delivery.sink is not None:
+                    await self._relay(resp, parser, delivery.sink)
+                    break
+                data = await read()
+                if not data:
+                    break
+                batch = parser.feed(data)
+                if batch:
+                    yield batch
+                if parser.error is not None:
+                    raise parser.error
+            if parser.error is None:
+                batch = parser.finish()
+                if batch:
+                    yield batch
+            if parser.error is not None:
+                raise parser.error
+        except _FAILURES as exc:
+            raise transport_error(self.label, exc) from exc
+
+    async def _relay(self, resp: Response, parser: StreamParser, sink: BatchSink) -> None:
+        """Push mode: parse and deliver from the connection's callbacks until the body
+        ends, the parser is done or fails, or the sink fails."""
+        ended: asyncio.Future[None]
+
+        def feed(data: bytes) -> None:
+            batch = parser.feed(data)
+            if batch and not sink.push(batch):
+                resp.hold()
+                sink.when_writable(resp.unhold)
+            if parser.done or parser.error is not None:
+                resp.stop_relay()
+
+        ended = resp.relay(feed)
+        try:
+            await ended
+        finally:
+            resp.stop_relay()
 
     async def iter_chunks(self, resp: Response) -> AsyncIterator[bytes]:
         """The body as it arrives: everything received since the last read, with failures

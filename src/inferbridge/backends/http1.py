@@ -19,6 +19,10 @@ just that, with `httptools` (llhttp) parsing the responses:
   list: `read_any()` returns everything buffered since the last read as one `bytes`, so a
   reader that falls behind pays once per read, not once per network chunk. Above
   `HIGH_WATER` buffered bytes the socket stops being read until the reader catches up.
+- Push mode (`Response.relay(feed)`): from then on each body piece goes straight to
+  `feed(data)` from the connection's `data_received`, with no buffering and no task
+  wake-up per read; `hold()` / `unhold()` stop and restart reading the socket (the
+  consumer's flow control) and the returned future ends with the body (or its failure).
 - Timeouts: the connect timeout wraps `create_connection`; the total timeout is ONE
   `loop.call_at` timer per request that fails the response with `TimeoutError` and closes
   the connection, cancelled once the body is complete (no timer object per read).
@@ -37,6 +41,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -85,8 +90,9 @@ class Response:
     """One answer: `status`, `headers`, and the body through `read_any()` / `read()`."""
 
     __slots__ = (
-        "_body", "_chunks", "_conn", "_done", "_exc", "_got_bytes", "_head", "_loop", "_paused",
-        "_size", "_timer", "_until_close", "_waiter", "headers", "status",
+        "_body", "_chunks", "_conn", "_done", "_ended", "_exc", "_feed", "_got_bytes", "_head",
+        "_held", "_loop", "_paused", "_size", "_timer", "_until_close", "_waiter", "headers",
+        "status",
     )  # fmt: skip
 
     def __init__(self, conn: Connection) -> None:
@@ -98,9 +104,12 @@ class Response:
         self._size = 0
         self._body: bytes | None = None
         self._head = self._done = self._paused = self._got_bytes = self._until_close = False
+        self._held = False
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._feed: Callable[[bytes], None] | None = None
+        self._ended: asyncio.Future[None] | None = None
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -122,8 +131,7 @@ class Response:
         self._size = 0
         if self._paused:
             self._paused = False
-            if self._conn is not None:
-                self._conn.transport.resume_reading()
+            self._resume()
         return data
 
     async def read(self) -> bytes:
@@ -135,9 +143,66 @@ class Response:
             self._body = b"".join(parts)
         return self._body
 
+    # -- push mode ------------------------------------------------------------------------
+    def relay(self, feed: Callable[[bytes], None]) -> asyncio.Future[None]:
+        """Hand the body to `feed` as it arrives, from the connection's callbacks: what is
+        buffered now at once, then everything one socket read brings in one call. The
+        future ends with the body, fails with the answer's failure (or `feed`'s
+        exception), or ends at `stop_relay()`."""
+        self._ended = ended = self._loop.create_future()
+        self._feed = feed
+        if self._paused:
+            self._paused = False
+            self._resume()
+        self._flush()
+        if self._exc is not None:
+            ended.set_exception(self._exc)
+        elif self._done:
+            ended.set_result(None)
+        return ended
+
+    def stop_relay(self) -> None:
+        """Back to buffering (what arrives later waits for `read_any`); ends the relay."""
+        self._feed = None
+        ended = self._ended
+        if ended is not None and not ended.done():
+            ended.set_result(None)
+
+    def hold(self) -> None:
+        """Stop reading the socket until `unhold()` (the consumer cannot take more)."""
+        if not self._held:
+            self._held = True
+            if not self._paused and self._conn is not None:
+                self._conn.transport.pause_reading()
+
+    def unhold(self) -> None:
+        if self._held:
+            self._held = False
+            self._resume()
+
+    def _resume(self) -> None:
+        if not self._held and not self._paused and self._conn is not None:
+            self._conn.transport.resume_reading()
+
+    def _flush(self) -> None:
+        """Relaying: hand what was buffered to the feed, as one piece."""
+        chunks, feed = self._chunks, self._feed
+        if not chunks or feed is None:
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._chunks = []
+        self._size = 0
+        try:
+            feed(data)
+        except Exception as exc:  # the consumer's failure ends the relay (and the answer,
+            self._feed = None  # when the relay's owner releases it unfinished)
+            self._fail(exc)
+
     # -- called by the connection ---------------------------------------------------------
     def _push(self, data: bytes) -> None:
         self._chunks.append(data)
+        if self._feed is not None:
+            return  # delivered once the socket read is parsed (`_flush`)
         self._size += len(data)
         if self._size > HIGH_WATER and not self._paused and self._conn is not None:
             self._paused = True
@@ -145,10 +210,14 @@ class Response:
         self._wake()
 
     def _finish(self) -> None:
+        self._flush()
         self._done = True
         if self._timer is not None:
             self._timer.cancel()
         self._wake()
+        ended = self._ended
+        if ended is not None and not ended.done():
+            ended.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
         if not self._done and self._exc is None:
@@ -156,6 +225,9 @@ class Response:
             if self._timer is not None:
                 self._timer.cancel()
             self._wake()
+            ended = self._ended
+            if ended is not None and not ended.done():
+                ended.set_exception(exc)
 
     def _on_timeout(self) -> None:
         self._fail(TimeoutError("the upstream did not answer in time"))
@@ -219,6 +291,8 @@ class Connection(asyncio.Protocol):
             if self.resp is not None:
                 self.resp._fail(ConnectionClosed(f"invalid HTTP answer: {exc}"))
             self.close()
+        if resp._feed is not None:
+            resp._flush()  # one delivery per socket read, however many HTTP chunks it held
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -263,8 +337,8 @@ class Connection(asyncio.Protocol):
             return
         self.resp = resp._conn = None
         resp._finish()
-        if resp._paused:
-            resp._paused = False
+        if resp._paused or resp._held:
+            resp._paused = resp._held = False
             self.transport.resume_reading()
         if self.parser.should_keep_alive() and not self.closed:
             self.pool.put(self)

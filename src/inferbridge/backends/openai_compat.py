@@ -25,7 +25,7 @@ from pydantic import Field
 from inferbridge.backends.base import OPENAI_PARAMS, Backend
 from inferbridge.backends.http import HttpUpstream, error_message, load_json, status_error
 from inferbridge.config import DeploymentConfig
-from inferbridge.decoders import SSEDecoder
+from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import UpstreamError
 from inferbridge.events import (
     Event,
@@ -118,6 +118,46 @@ def response_events(data: dict[str, Any], chat: bool) -> list[Event]:
     return _events(data, chat, whole=True)
 
 
+class ChunkParser:
+    """An OpenAI SSE stream -> events (a `StreamParser` for `HttpUpstream.events`)."""
+
+    __slots__ = ("backend", "chat", "decoder", "done", "error", "saw_finish")
+
+    def __init__(self, backend: OpenAICompatBackend, chat: bool) -> None:
+        self.backend = backend
+        self.chat = chat
+        self.decoder = SSEDecoder()
+        self.done = False
+        self.error: UpstreamError | None = None
+        self.saw_finish = False
+
+    def feed(self, data: bytes) -> list[Event]:
+        return self._events(self.decoder.feed(data))
+
+    def finish(self) -> list[Event]:
+        batch = self._events(self.decoder.flush())
+        if not self.done and not self.saw_finish and self.error is None:
+            self.error = UpstreamError.truncated(self.backend.label)
+        return batch
+
+    def _events(self, events: list[ServerSentEvent]) -> list[Event]:
+        batch: list[Event] = []
+        if self.done or self.error is not None:
+            return batch
+        chunk, chat = self.backend._chunk, self.chat
+        try:
+            for event in events:
+                if event.data == b"[DONE]":
+                    self.done = True
+                    break
+                batch.extend(chunk(event.data, chat))
+        except UpstreamError as exc:
+            self.error = exc
+        if batch and not self.saw_finish:
+            self.saw_finish = any(type(e) is Finish for e in batch)
+        return batch
+
+
 class OpenAICompatBackend(Backend):
     Settings: type[DeploymentConfig] = OpenAICompatSettings
     supported_params = OPENAI_PARAMS
@@ -193,37 +233,9 @@ class OpenAICompatBackend(Backend):
                 self._raise_if_error(data)
                 yield response_events(data, chat)
                 return
-            decoder = SSEDecoder()
-            saw_finish = False
-            async for raw in self.http.iter_chunks(resp):
-                batch: list[Event] = []
-                done = False
-                try:
-                    for event in decoder.feed(raw):
-                        if event.data == b"[DONE]":
-                            done = True
-                            break
-                        batch.extend(self._chunk(event.data, chat))
-                except UpstreamError:
-                    if batch:  # what arrived before the error still goes out first
-                        yield batch
-                    raise
-                if batch:
-                    saw_finish = saw_finish or any(type(e) is Finish for e in batch)
-                    yield batch
-                if done:
-                    return
-            batch = [
-                e
-                for ev in decoder.flush()
-                if ev.data != b"[DONE]"
-                for e in self._chunk(ev.data, chat)
-            ]
-            if batch:
-                saw_finish = saw_finish or any(type(e) is Finish for e in batch)
+            parser = ChunkParser(self, chat)
+            async for batch in self.http.events(resp, parser, request.delivery):
                 yield batch
-            if not saw_finish:
-                raise UpstreamError.truncated(self.label)
 
     def _chunk(self, data: bytes, chat: bool) -> list[Event]:
         chunk = load_json(self.label, data)

@@ -1,0 +1,203 @@
+"""Push delivery (`events.Delivery`): batches handed to a sink from the socket's callback.
+
+`HttpUpstream.events` pulls the first batch like any stream; once the consumer sets
+`delivery.sink`, every later socket read is parsed and pushed from the upstream
+connection's `data_received`. These tests drive it against scripted servers on real
+sockets (the helpers of test_http_client.py), on both event loops, with a line parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from inferbridge.backends.http import HttpUpstream
+from inferbridge.errors import UpstreamError
+from inferbridge.events import Delivery, Event, TextDelta
+from tests.test_http_client import Conn, Server, both_loops, upstream
+
+HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class LineParser:
+    """One TextDelta per line; "END" is the protocol's end, "BAD" a protocol error."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.done = False
+        self.error: UpstreamError | None = None
+
+    def feed(self, data: bytes) -> list[Event]:
+        lines = (self.buf + data).split(b"\n")
+        self.buf = lines.pop()
+        out: list[Event] = []
+        for line in lines:
+            if self.done or self.error is not None:
+                break
+            if line == b"END":
+                self.done = True
+            elif line == b"BAD":
+                self.error = UpstreamError("backend 'x' sent BAD", backend="x")
+            else:
+                out.append(TextDelta(line.decode()))
+        return out
+
+    def finish(self) -> list[Event]:
+        if not self.done and self.error is None:
+            self.error = UpstreamError.truncated("backend 'x'")
+        return []
+
+
+class Sink:
+    """Records pushed batches; `writable` decides what `push` answers."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.pushed = asyncio.Event()
+        self.writable = True
+        self.resume: Callable[[], None] | None = None
+        self.fail: Exception | None = None
+
+    def push(self, batch: Sequence[Event]) -> bool:
+        if self.fail is not None:
+            raise self.fail
+        self.batches.append([e.text for e in batch])  # type: ignore[union-attr]
+        self.pushed.set()
+        return self.writable
+
+    def when_writable(self, resume: Callable[[], None]) -> None:
+        self.resume = resume
+
+
+async def pull_then_push(http: HttpUpstream, sink: Sink) -> tuple[list[str], list[str]]:
+    """Pull the first batch, set the sink, then drive the rest: (first batch, what the
+    generator still yielded at the end)."""
+    delivery = Delivery()
+    async with http.post("/s", {}) as resp:
+        stream = http.events(resp, LineParser(), delivery)
+        first = await stream.__anext__()
+        delivery.sink = sink
+        rest = [e.text for batch in [b async for b in stream] for e in batch]  # type: ignore[union-attr]
+    return [e.text for e in first], rest  # type: ignore[union-attr]
+
+
+@both_loops
+async def test_later_batches_are_pushed_one_per_socket_read_before_the_end() -> None:
+    async def handle(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(HEAD + chunk(b"a\n"))
+        await asyncio.sleep(0.05)  # the first batch is pulled, the sink set
+        await conn.send(chunk(b"b\n") + chunk(b"c\n"))  # two HTTP chunks in one write
+        await asyncio.wait_for(sink.pushed.wait(), 3)  # pushed while the body is open
+        await conn.send(chunk(b"d\nEND\n") + b"0\r\n\r\n")
+
+    sink = Sink()
+    async with Server(handle) as srv, upstream(srv.url) as http:
+        first, rest = await pull_then_push(http, sink)
+    assert first == ["a"]
+    assert sink.batches == [["b", "c"], ["d"]]
+    assert rest == []
+
+
+@both_loops
+async def test_a_full_sink_holds_the_socket_until_it_is_writable_again() -> None:
+    async def handle(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(HEAD + chunk(b"a\n"))
+        await asyncio.sleep(0.05)
+        await conn.send(chunk(b"b\n"))
+        await asyncio.wait_for(sink.pushed.wait(), 3)
+        await conn.send(chunk(b"c\n") + chunk(b"END\n") + b"0\r\n\r\n")
+
+    sink = Sink()
+    sink.writable = False  # the first push fills the client's buffer
+    async with Server(handle) as srv, upstream(srv.url) as http:
+        task = asyncio.create_task(pull_then_push(http, sink))
+        await asyncio.wait_for(sink.pushed.wait(), 3)
+        await asyncio.sleep(0.2)  # everything else has been sent by now
+        assert sink.batches == [["b"]]  # ...and not read while held
+        assert sink.resume is not None
+        sink.writable = True
+        sink.resume()
+        await asyncio.wait_for(task, 3)
+    assert sink.batches == [["b"], ["c"]]
+
+
+@both_loops
+async def test_a_parse_error_is_raised_after_the_events_before_it_were_pushed() -> None:
+    async def handle(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(HEAD + chunk(b"a\n"))
+        await asyncio.sleep(0.05)
+        await conn.send(chunk(b"b\nBAD\nc\n"))
+        await asyncio.sleep(1)
+
+    sink = Sink()
+    async with Server(handle) as srv, upstream(srv.url) as http:
+        with pytest.raises(UpstreamError, match="sent BAD"):
+            await pull_then_push(http, sink)
+    assert sink.batches == [["b"]]
+
+
+@both_loops
+async def test_a_sink_failure_ends_the_stream_and_closes_the_connection() -> None:
+    closed = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(HEAD + chunk(b"a\n"))
+        await asyncio.sleep(0.05)
+        await conn.send(chunk(b"b\n"))
+        if await conn.client_closed():
+            closed.set()
+
+    sink = Sink()
+    sink.fail = RuntimeError("the client's side broke")
+    async with Server(handle) as srv, upstream(srv.url) as http:
+        with pytest.raises(RuntimeError, match="client's side broke"):
+            await pull_then_push(http, sink)
+        await asyncio.wait_for(closed.wait(), 3)
+
+
+@both_loops
+async def test_cancelling_a_pushed_stream_closes_the_connection() -> None:
+    closed = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(HEAD + chunk(b"a\n"))
+        await asyncio.sleep(0.05)
+        await conn.send(chunk(b"b\n"))
+        if await conn.client_closed():
+            closed.set()
+
+    sink = Sink()
+    async with Server(handle) as srv, upstream(srv.url) as http:
+        task = asyncio.create_task(pull_then_push(http, sink))
+        await asyncio.wait_for(sink.pushed.wait(), 3)
+        task.cancel()  # the proxy's client went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(closed.wait(), 3)
+    assert sink.batches == [["b"]]
+
+
+@both_loops
+async def test_a_body_cut_short_while_pushing_is_an_error() -> None:
+    async def handle(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(HEAD + chunk(b"a\n"))
+        await asyncio.sleep(0.05)
+        await conn.send(chunk(b"b\n") + b"0\r\n\r\n")  # no END: the answer was truncated
+
+    sink = Sink()
+    async with Server(handle) as srv, upstream(srv.url) as http:
+        with pytest.raises(UpstreamError, match="ended"):
+            await pull_then_push(http, sink)
+    assert sink.batches == [["b"]]
