@@ -348,3 +348,18 @@ def test_a_slow_client_gets_a_large_stream_intact(proxy, upstream):
                 got.append(choices[0]["delta"]["content"])
     assert data.endswith(b"data: [DONE]\n\n")
     assert "".join(got) == "".join(upstream.reply)
+
+
+def test_chunk_parser_keeps_events_before_a_bad_event_and_stops_there():
+    from inferbridge.backends.openai_compat import ChunkParser, OpenAICompatBackend
+    from inferbridge.backends.openai_compat import OpenAICompatSettings as Settings
+
+    backend = OpenAICompatBackend(Settings(name="m", backend="vllm", url="http://127.0.0.1:9/v1"))
+    good = b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
+    bad_events = [(b"data: [1, 2]\n\n", "not a JSON object"), (b"data: {oops\n\n", "invalid")]
+    for bad, message in bad_events:
+        parser = ChunkParser(backend, chat=True)
+        events = parser.feed(good + bad + good)
+        assert [e.text for e in events] == ["hi"]  # type: ignore[union-attr]
+        assert parser.error is not None and message in parser.error.message
+        assert parser.feed(good) == []  # nothing after the error

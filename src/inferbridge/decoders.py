@@ -25,51 +25,60 @@ class SSEDecoder:
     """The SSE wire format (WHATWG): `field: value` lines, events end at a blank line.
 
     `data` lines of one event are joined with `\\n`; comment lines (`:` keep-alives) and
-    `retry` are ignored; lines may end in `\\n` or `\\r\\n`.
+    `retry` are ignored; lines may end in `\\n` or `\\r\\n`; the last `id` persists.
+
+    The input is cut into events at blank lines first; an event that is a single
+    `data: ` line (what every OpenAI-compatible server sends) is taken whole, without
+    splitting it into lines and fields: about half the cost per event.
     """
 
-    __slots__ = ("_buf", "_data", "_event", "_id")
+    __slots__ = ("_buf", "_id")
 
     def __init__(self) -> None:
         self._buf = b""
-        self._data: list[bytes] = []
-        self._event: str | None = None
         self._id: str | None = None
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         buf = self._buf + chunk if self._buf else chunk
-        lines = buf.split(b"\n")
-        self._buf = lines.pop()
+        if b"\r" in buf:  # a "\r" at the very end may begin a "\r\n" the next read completes
+            buf = buf.replace(b"\r\n", b"\n")
+        blocks = buf.split(b"\n\n")
+        self._buf = blocks.pop()
         out: list[ServerSentEvent] = []
-        for line in lines:
-            if line[-1:] == b"\r":
-                line = line[:-1]
-            if not line:
-                self._dispatch(out)
-                continue
-            if line[0] == 58:  # ":" comment / keep-alive
+        event_id = self._id
+        for block in blocks:
+            if block[:6] == b"data: " and b"\n" not in block:
+                out.append(ServerSentEvent(block[6:], None, event_id))
+            elif block:
+                self._parse(block, out)
+                event_id = self._id
+        return out
+
+    def _parse(self, block: bytes, out: list[ServerSentEvent]) -> None:
+        """One event's lines, field by field."""
+        data: list[bytes] = []
+        event: str | None = None
+        for line in block.split(b"\n"):
+            if not line or line[0] == 58:  # blank (a third newline) or ":" comment
                 continue
             name, colon, value = line.partition(b":")
             if colon and value[:1] == b" ":
                 value = value[1:]
             if name == b"data":
-                self._data.append(value)
+                data.append(value)
             elif name == b"event":
-                self._event = value.decode("utf-8", "replace")
+                event = value.decode("utf-8", "replace")
             elif name == b"id":
                 self._id = value.decode("utf-8", "replace")
-        return out
-
-    def _dispatch(self, out: list[ServerSentEvent]) -> None:
-        if self._data:
-            data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
-            out.append(ServerSentEvent(data, self._event, self._id))
-            self._data = []
-        self._event = None
+        if data:
+            out.append(ServerSentEvent(b"\n".join(data), event, self._id))
 
     def flush(self) -> list[ServerSentEvent]:
-        out = self.feed(b"\n") if self._buf else []
-        self._dispatch(out)
+        """The last event when the stream ended without its blank line."""
+        block, self._buf = self._buf.rstrip(b"\r\n"), b""
+        out: list[ServerSentEvent] = []
+        if block:
+            self._parse(block.replace(b"\r\n", b"\n"), out)
         return out
 
 

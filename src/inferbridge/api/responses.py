@@ -91,6 +91,15 @@ class StreamEncoder:
         self._head = b"data: " + orjson.dumps(head)[:-1] + b',"choices":'
         self._tail = b',"usage":null}\n\n' if request.include_usage else b"}\n\n"
         self.tracker = ChoiceTracker(choices, keep_text)
+        # The most common chunk, text for choice 0, is the same bytes around the text.
+        if self.chat:
+            opening = b'[{"index":0,"delta":{"content":'
+            closing = b'},"logprobs":null,"finish_reason":null}]'
+        else:
+            opening = b'[{"index":0,"text":'
+            closing = b',"logprobs":null,"finish_reason":null}]'
+        self._text_head = self._head + opening
+        self._text_tail = closing + self._tail
 
     def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
         return self._head + orjson.dumps(choices) + self._tail
@@ -123,10 +132,15 @@ class StreamEncoder:
         tracker = self.tracker
         for ev in batch:
             if isinstance(ev, TextDelta):
-                tracker.chars += len(ev.text)
+                text = ev.text
+                tracker.chars += len(text)
                 if tracker.text is not None:
-                    tracker.text.append(ev.text)
-                out.append(self._chunk([self._choice(ev.index, {"content": ev.text}, ev.logprobs)]))
+                    tracker.text.append(text)
+                if ev.index == 0 and ev.logprobs is None:
+                    out.append(self._text_head + orjson.dumps(text) + self._text_tail)
+                else:
+                    choice = self._choice(ev.index, {"content": text}, ev.logprobs)
+                    out.append(self._chunk([choice]))
             elif isinstance(ev, ToolCallDelta):
                 tracker.has_tools.add(ev.index)
                 out.append(

@@ -144,13 +144,23 @@ class ChunkParser:
         batch: list[Event] = []
         if self.done or self.error is not None:
             return batch
-        chunk, chat = self.backend._chunk, self.chat
+        backend, chat = self.backend, self.chat
         try:
             for event in events:
-                if event.data == b"[DONE]":
+                data = event.data
+                if data == b"[DONE]":
                     self.done = True
                     break
-                batch.extend(chunk(event.data, chat))
+                chunk = load_json(backend.label, data)
+                if type(chunk) is not dict:
+                    raise UpstreamError(
+                        f"{backend.label} sent a stream event that is not a JSON object: "
+                        f"{data[:200]!r}",
+                        backend=backend.label,
+                    )
+                if "error" in chunk or chunk.get("object") == "error":
+                    backend._raise_if_error(chunk)
+                batch += _events(chunk, chat, whole=False)
         except UpstreamError as exc:
             self.error = exc
         if batch and not self.saw_finish:
@@ -236,11 +246,6 @@ class OpenAICompatBackend(Backend):
             parser = ChunkParser(self, chat)
             async for batch in self.http.events(resp, parser, request.delivery):
                 yield batch
-
-    def _chunk(self, data: bytes, chat: bool) -> list[Event]:
-        chunk = load_json(self.label, data)
-        self._raise_if_error(chunk)
-        return chunk_events(chunk, chat)
 
     def _raise_if_error(self, data: Any) -> None:
         """An error object in a response or stream event: raise it with its real status when
