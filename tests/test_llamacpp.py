@@ -167,15 +167,14 @@ def test_usage_from_counts_or_timings():
 
 def test_reader_handles_crlf_comments_and_done():
     reader = _ResultReader("L", chat=True, top_logprobs=None)
-    events = reader.lines(
-        [
-            b": ping",
-            b'data: {"content":"a","stop":false}\r',
-            b'data: {"content":"","stop":true,"stop_type":"limit",'
-            b'"tokens_evaluated":2,"tokens_predicted":1}',
-            b"data: [DONE]",
-        ]
-    )
+    lines = [
+        b": ping",
+        b'data: {"content":"a","stop":false}\r',
+        b'data: {"content":"","stop":true,"stop_type":"limit",'
+        b'"tokens_evaluated":2,"tokens_predicted":1}',
+    ]
+    events: list = []
+    assert [reader.line(line, events) for line in lines] == [False, False, True]
     assert [type(e) for e in events] == [TextDelta, Finish, Usage]
     assert events[0].text == "a" and events[1].reason == "length" and reader.done
 
@@ -189,7 +188,7 @@ def test_reader_handles_crlf_comments_and_done():
 )
 def test_reader_raises_on_error_lines(line):
     with pytest.raises(UpstreamError, match="boom") as exc:
-        _ResultReader("backend 'llamacpp'", chat=False, top_logprobs=None).lines([line])
+        _ResultReader("backend 'llamacpp'", chat=False, top_logprobs=None).line(line, [])
     assert exc.value.status == 502 and "llamacpp" in exc.value.message
 
 

@@ -5,7 +5,8 @@
   routes in `inferbridge.api.handlers`;
 - `GET /health`, `/health/readiness`, `/metrics`, `/v1/models`, `/v1/models/{id}`:
   `inferbridge.api.cold`;
-- the lifespan (backends' clients opened at start-up and closed at shutdown).
+- the lifespan (backends' clients opened at start-up and closed at shutdown; the heap
+  settled for the garbage collector once started, `settle_heap`).
 
 Every other path goes to a FastAPI app built on first use: `/docs` and `/openapi.json`
 (which describe every route above) and OpenAI-envelope 404/405 answers. FastAPI's import

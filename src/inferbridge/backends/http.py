@@ -6,8 +6,13 @@ transport failure and every non-2xx answer into an `UpstreamError` subclass that
 backend, so adapters only deal with their protocol:
 
     async with self.http.post("/generate", payload) as resp:   # raises on non-2xx
-        async for chunk in self.http.iter_chunks(resp):         # raises on a broken stream
-            ...
+        async for batch in self.http.events(resp, parser, request.delivery):
+            yield batch                                         # raises on a broken stream
+
+`parser` (a `StreamParser`, usually an `ItemParser` over an SSE or NDJSON decoder) turns
+the body into events; `events` pulls the first batch and, once the OpenAI layer asks for
+it (`Delivery`), pushes the rest from the socket's callback. `iter_chunks(resp)` gives the
+raw body pieces for protocols that need their own loop.
 
 `resp` has `status`, `headers.get(name)` (any case) and `await resp.read()`. The client is
 inferbridge's own lean HTTP/1.1 client (`http1.py`), because aiohttp's client cost ~205 µs
@@ -31,6 +36,7 @@ from inferbridge.backends.http1 import (
     HttpClientError,
     Response,
 )
+from inferbridge.decoders import NDJSONDecoder, SSEDecoder
 from inferbridge.errors import (
     UpstreamError,
     UpstreamRejected,
@@ -146,6 +152,60 @@ class StreamParser(Protocol):
     def finish(self) -> list[Event]:
         """Events left at the end of the body; sets `error` if the answer was cut short."""
         ...
+
+
+class ItemParser:
+    """The usual `StreamParser`: a decoder cuts the body into items (SSE events, NDJSON
+    lines) and `take(item, batch)` appends each item's events to the batch, returning True
+    at the protocol's end marker; adapters pass `take` or override the method. An
+    `UpstreamError` raised by `take` stops the stream after the events before it; a body
+    that ends before the marker is truncated (unless `complete_without_marker`).
+    """
+
+    __slots__ = ("_take", "decoder", "done", "error", "label")
+
+    def __init__(
+        self,
+        label: str,
+        decoder: SSEDecoder | NDJSONDecoder,
+        take: Callable[[Any, list[Event]], bool] | None = None,
+    ) -> None:
+        self.label = label
+        self.decoder = decoder
+        self._take = take
+        self.done = False
+        self.error: UpstreamError | None = None
+
+    def take(self, item: Any, batch: list[Event]) -> bool:
+        """Append the events of one item to `batch`; True at the protocol's end marker."""
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> list[Event]:
+        return self._items(self.decoder.feed(data))
+
+    def finish(self) -> list[Event]:
+        batch = self._items(self.decoder.flush())
+        if not self.done and self.error is None and not self.complete_without_marker():
+            self.error = UpstreamError.truncated(self.label)
+        return batch
+
+    def complete_without_marker(self) -> bool:
+        """Whether an answer whose end marker never came is whole anyway (no, by default)."""
+        return False
+
+    def _items(self, items: list[Any]) -> list[Event]:
+        batch: list[Event] = []
+        if self.done or self.error is not None:
+            return batch
+        take = self._take or self.take
+        try:
+            for item in items:
+                if take(item, batch):
+                    self.done = True
+                    break
+        except UpstreamError as exc:
+            self.error = exc
+        return batch
 
 
 # What the client raises for a failed exchange (TimeoutError is an OSError).

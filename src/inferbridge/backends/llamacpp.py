@@ -27,7 +27,7 @@ import orjson
 from pydantic import Field
 
 from inferbridge.backends.base import Backend
-from inferbridge.backends.http import HttpUpstream, error_message, status_error
+from inferbridge.backends.http import HttpUpstream, ItemParser, error_message, status_error
 from inferbridge.backends.prompting import PromptBuilder, PromptSettings
 from inferbridge.decoders import NDJSONDecoder
 from inferbridge.errors import InvalidRequest, UpstreamError, UpstreamRejected, UpstreamUnavailable
@@ -188,19 +188,16 @@ class _ResultReader:
         self.offset = 0  # legacy completions' text_offset
         self.done = False
 
-    def lines(self, lines: list[bytes]) -> list[Event]:
-        """Events of complete SSE lines; only `data:` and legacy `error:` lines matter."""
-        out: list[Event] = []
-        for line in lines:
-            if self.done:
-                break
-            name, _, value = line.rstrip(b"\r").partition(b":")
-            value = value[1:] if value[:1] == b" " else value
-            if name == b"data" and value != b"[DONE]":
-                self.result(self._json(value), out)
-            elif name == b"error":
-                raise stream_error(self.label, self._json(value))
-        return out
+    def line(self, line: bytes, out: list[Event]) -> bool:
+        """The events of one complete SSE line (llama.cpp's events are one line each: only
+        `data:` and legacy `error:` lines matter); True once the answer is complete."""
+        name, _, value = line.rstrip(b"\r").partition(b":")
+        value = value[1:] if value[:1] == b" " else value
+        if name == b"data" and value != b"[DONE]":
+            self.result(self._json(value), out)
+        elif name == b"error":
+            raise stream_error(self.label, self._json(value))
+        return self.done
 
     def result(self, obj: Any, out: list[Event], final: bool = False) -> None:
         if not isinstance(obj, dict):
@@ -422,18 +419,10 @@ class LlamaCppBackend(Backend):
                 reader.result(data, batch, final=True)
                 yield batch
                 return
-            lines = NDJSONDecoder()  # llama.cpp sends one-line events: split lines only
-            async for raw in self.http.iter_chunks(resp):
-                batch = reader.lines(lines.feed(raw))
-                if batch:
-                    yield batch
-                if reader.done:
-                    return
-            batch = reader.lines(lines.flush())
-            if batch:
+            # llama.cpp sends one-line events: cutting lines is enough
+            parser = ItemParser(self.label, NDJSONDecoder(), reader.line)
+            async for batch in self.http.events(resp, parser, request.delivery):
                 yield batch
-        if not reader.done:
-            raise UpstreamError.truncated(self.label)
 
 
 def _top_logprobs(request: InferenceRequest) -> int | None:

@@ -28,7 +28,7 @@ import orjson
 from pydantic import Field, field_validator
 
 from inferbridge.backends.base import Backend
-from inferbridge.backends.http import HttpUpstream, load_json, status_error
+from inferbridge.backends.http import HttpUpstream, ItemParser, load_json, status_error
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import NDJSONDecoder
 from inferbridge.errors import InvalidRequest, UnsupportedParameter, UpstreamError, UpstreamRejected
@@ -246,6 +246,11 @@ class ResponseReader:
     def parse(self, line: bytes) -> Any:
         return load_json(self.label, line, "stream line")
 
+    def line(self, line: bytes, out: list[Event]) -> bool:
+        """The events of one stream line; True once the answer is complete."""
+        out += self.events(self.parse(line))
+        return self.done
+
     def events(self, obj: Any, *, last: bool = False) -> list[Event]:
         if not isinstance(obj, dict):
             raise UpstreamError(
@@ -386,27 +391,9 @@ class OllamaBackend(Backend):
             if not request.stream:
                 yield reader.events(await self.http.read_json(resp), last=True)
                 return
-            decoder = NDJSONDecoder()
-            async for raw in self.http.iter_chunks(resp):
-                batch: list[Event] = []
-                try:
-                    for line in decoder.feed(raw):
-                        batch.extend(reader.events(reader.parse(line)))
-                        if reader.done:
-                            break
-                except UpstreamError:
-                    if batch:  # what arrived before the error line still reaches the client
-                        yield batch
-                    raise
-                if batch:
-                    yield batch
-                if reader.done:
-                    return
-            batch = [e for line in decoder.flush() for e in reader.events(reader.parse(line))]
-            if batch:
+            parser = ItemParser(self.label, NDJSONDecoder(), reader.line)
+            async for batch in self.http.events(resp, parser, request.delivery):
                 yield batch
-            if not reader.done:
-                raise UpstreamError.truncated(self.label)
 
     # -- readiness ------------------------------------------------------------------------
     async def list_models(self) -> list[str]:

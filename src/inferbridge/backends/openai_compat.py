@@ -23,7 +23,13 @@ import orjson
 from pydantic import Field
 
 from inferbridge.backends.base import OPENAI_PARAMS, Backend
-from inferbridge.backends.http import HttpUpstream, error_message, load_json, status_error
+from inferbridge.backends.http import (
+    HttpUpstream,
+    ItemParser,
+    error_message,
+    load_json,
+    status_error,
+)
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import UpstreamError
@@ -118,54 +124,39 @@ def response_events(data: dict[str, Any], chat: bool) -> list[Event]:
     return _events(data, chat, whole=True)
 
 
-class ChunkParser:
-    """An OpenAI SSE stream -> events (a `StreamParser` for `HttpUpstream.events`)."""
+class ChunkParser(ItemParser):
+    """An OpenAI SSE stream -> events. `data: [DONE]` ends it; a stream that ends without
+    it is whole when every choice got its finish reason (some servers omit the marker)."""
 
-    __slots__ = ("backend", "chat", "decoder", "done", "error", "saw_finish")
+    __slots__ = ("backend", "chat", "saw_finish")
 
     def __init__(self, backend: OpenAICompatBackend, chat: bool) -> None:
+        super().__init__(backend.label, SSEDecoder())
         self.backend = backend
         self.chat = chat
-        self.decoder = SSEDecoder()
-        self.done = False
-        self.error: UpstreamError | None = None
         self.saw_finish = False
 
-    def feed(self, data: bytes) -> list[Event]:
-        return self._events(self.decoder.feed(data))
+    def complete_without_marker(self) -> bool:
+        return self.saw_finish
 
-    def finish(self) -> list[Event]:
-        batch = self._events(self.decoder.flush())
-        if not self.done and not self.saw_finish and self.error is None:
-            self.error = UpstreamError.truncated(self.backend.label)
-        return batch
-
-    def _events(self, events: list[ServerSentEvent]) -> list[Event]:
-        batch: list[Event] = []
-        if self.done or self.error is not None:
-            return batch
-        backend, chat = self.backend, self.chat
-        try:
-            for event in events:
-                data = event.data
-                if data == b"[DONE]":
-                    self.done = True
-                    break
-                chunk = load_json(backend.label, data)
-                if type(chunk) is not dict:
-                    raise UpstreamError(
-                        f"{backend.label} sent a stream event that is not a JSON object: "
-                        f"{data[:200]!r}",
-                        backend=backend.label,
-                    )
-                if "error" in chunk or chunk.get("object") == "error":
-                    backend._raise_if_error(chunk)
-                batch += _events(chunk, chat, whole=False)
-        except UpstreamError as exc:
-            self.error = exc
-        if batch and not self.saw_finish:
-            self.saw_finish = any(type(e) is Finish for e in batch)
-        return batch
+    def take(self, event: ServerSentEvent, batch: list[Event]) -> bool:
+        data = event.data
+        if data == b"[DONE]":
+            return True
+        backend = self.backend
+        chunk = load_json(backend.label, data)
+        if type(chunk) is not dict:
+            raise UpstreamError(
+                f"{backend.label} sent a stream event that is not a JSON object: {data[:200]!r}",
+                backend=backend.label,
+            )
+        if "error" in chunk or chunk.get("object") == "error":
+            backend._raise_if_error(chunk)
+        events = _events(chunk, self.chat, whole=False)
+        if not self.saw_finish and events:
+            self.saw_finish = any(type(e) is Finish for e in events)
+        batch += events
+        return False
 
 
 class OpenAICompatBackend(Backend):

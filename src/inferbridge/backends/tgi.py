@@ -31,12 +31,18 @@ from typing import Any
 import orjson
 
 from inferbridge.backends.base import Backend
-from inferbridge.backends.http import HttpUpstream, error_message, load_json, status_error
+from inferbridge.backends.http import (
+    HttpUpstream,
+    ItemParser,
+    error_message,
+    load_json,
+    status_error,
+)
 from inferbridge.backends.prompting import PromptBuilder, PromptSettings
 from inferbridge.config import DeploymentConfig
-from inferbridge.decoders import SSEDecoder
+from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import InvalidRequest, UpstreamError, UpstreamRejected
-from inferbridge.events import Event, Finish, TextDelta, Usage, normalize_finish
+from inferbridge.events import Delivery, Event, Finish, TextDelta, Usage, normalize_finish
 from inferbridge.request import InferenceRequest
 from inferbridge.stops import StopCutter
 
@@ -410,7 +416,7 @@ class TGIBackend(Backend):
         reply = Reply(stops, logprobs)
         try:
             if request.stream:
-                async for batch in self._generate_stream(payload, reply):
+                async for batch in self._generate_stream(payload, reply, request.delivery):
                     yield batch
             else:
                 yield await self._generate(payload, reply)
@@ -429,30 +435,16 @@ class TGIBackend(Backend):
         return out
 
     async def _generate_stream(
-        self, payload: dict[str, Any], reply: Reply
+        self, payload: dict[str, Any], reply: Reply, delivery: Delivery | None
     ) -> AsyncIterator[list[Event]]:
-        decoder = SSEDecoder()
+        def take(event: ServerSentEvent, batch: list[Event]) -> bool:
+            return self._event(event.data, reply, batch)
+
+        parser = ItemParser(self.label, SSEDecoder(), take)
         async with self.http.post("/generate_stream", payload) as resp:
-            chunks = self.http.iter_chunks(resp)
-            while True:
-                raw = await anext(chunks, None)
-                events = decoder.feed(raw) if raw is not None else decoder.flush()
-                batch: list[Event] = []
-                try:
-                    done = any(self._event(ev.data, reply, batch) for ev in events)
-                except UpstreamError:
-                    if batch:  # what arrived before the error still goes out first
-                        yield batch
-                    raise
-                if batch:
-                    yield batch
-                if done:
-                    return  # closing the response cancels TGI's work if it was still going
-                if raw is None:
-                    raise UpstreamError(
-                        f"{self.label} ended the stream before its final token",
-                        backend=self.label,
-                    )
+            async for batch in self.http.events(resp, parser, delivery):
+                yield batch
+        # leaving early (a stop string) closes the response: TGI stops generating
 
     def _event(self, data: bytes, reply: Reply, out: list[Event]) -> bool:
         """Handle one SSE event; True when the answer is complete."""
