@@ -9,13 +9,18 @@ sockets (the helpers of test_http_client.py), on both event loops, with a line p
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable, Sequence
 
+import orjson
 import pytest
 
+from inferbridge.api.handlers import CompletionsEndpoint, Reply
 from inferbridge.backends.http import HttpUpstream
+from inferbridge.config import load_config
 from inferbridge.errors import UpstreamError
 from inferbridge.events import Delivery, Event, TextDelta
+from inferbridge.gateway import Gateway
 from tests.test_http_client import Conn, Server, both_loops, upstream
 
 HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -201,3 +206,77 @@ async def test_a_body_cut_short_while_pushing_is_an_error() -> None:
         with pytest.raises(UpstreamError, match="ended"):
             await pull_then_push(http, sink)
     assert sink.batches == [["b"]]
+
+
+class PushingReply(Reply):
+    """A Reply that takes pushed chunks, like inferbridge's own HTTP transport."""
+
+    can_push = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = b""
+
+    async def whole(self, status: int, headers: list, body: bytes) -> None:
+        self.body += body
+
+    async def start(self, headers: list, body: bytes) -> None:
+        self.body += body
+
+    async def chunk(self, body: bytes) -> None:
+        self.body += body
+
+    async def end(self, body: bytes) -> None:
+        self.body += body
+
+    def write_now(self, body: bytes) -> bool:
+        self.body += body
+        return True
+
+    def when_writable(self, resume: Callable[[], None]) -> None:
+        resume()
+
+
+def openai_chunk(text: str, finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+    return b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n"
+
+
+@both_loops
+async def test_served_streams_leave_no_reference_cycles() -> None:
+    """Everything a streamed request builds is freed by reference counting; cycles would
+    wait for the garbage collector, which runs rarely here (`settle_heap`)."""
+
+    async def handle(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(HEAD + chunk(openai_chunk("a")))
+            await asyncio.sleep(0.01)  # the rest is pushed
+            rest = openai_chunk("b") + openai_chunk("", "stop") + b"data: [DONE]\n\n"
+            await conn.send(chunk(rest) + b"0\r\n\r\n")
+
+    async with Server(handle) as srv:
+        model = {"name": "m", "backend": "vllm", "url": srv.url + "/v1"}
+        gateway = Gateway(load_config(data={"models": [model]}, environ={}))
+        gateway.observability.access_enabled = False
+        await gateway.start()
+        endpoint = CompletionsEndpoint(gateway, "chat")
+        body = orjson.dumps(
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        )
+        gc.collect()
+        gc.disable()
+        try:
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            for _ in range(3):
+                reply = PushingReply()
+                await endpoint.serve({}, body, reply)
+                assert reply.body.count(b'"content":"b"') == 1, reply.body
+            gc.collect()
+            left = {type(o).__name__ for o in gc.garbage}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+            await gateway.close()
+    ours = {"InferenceRequest", "Delivery", "PushedChunks", "StreamEncoder", "PushingReply"}
+    assert not left & ours, left & ours

@@ -210,6 +210,8 @@ class CompletionsEndpoint:
         finally:
             reply.unwatch()
             await aclose(stream)
+            if request.delivery is not None:
+                request.delivery.sink = None  # it refers back to the request: no cycle left
             self.observe.record(
                 request, route, timer, exchange.usage, exchange.error, exchange.completion
             )
