@@ -126,7 +126,7 @@ def response_events(data: dict[str, Any], chat: bool) -> list[Event]:
 
 class ChunkParser(ItemParser):
     """An OpenAI SSE stream -> events. `data: [DONE]` ends it; a stream that ends without
-    it is whole when every choice got its finish reason (some servers omit the marker)."""
+    it is whole once a finish reason was seen (some servers omit the marker)."""
 
     __slots__ = ("backend", "chat", "saw_finish")
 
@@ -153,9 +153,11 @@ class ChunkParser(ItemParser):
         if "error" in chunk or chunk.get("object") == "error":
             backend._raise_if_error(chunk)
         events = _events(chunk, self.chat, whole=False)
-        if not self.saw_finish and events:
-            self.saw_finish = any(type(e) is Finish for e in events)
-        batch += events
+        if events:
+            batch += events
+            # a chunk that only carries text (the usual one) has no finish reason
+            if not self.saw_finish and type(events[-1]) is not TextDelta:
+                self.saw_finish = any(type(e) is Finish for e in events)
         return False
 
 
