@@ -80,13 +80,16 @@ class Sink:
         self.resume = resume
 
 
-async def pull_then_push(http: HttpUpstream, sink: Sink) -> tuple[list[str], list[str]]:
-    """Pull the first batch, set the sink, then drive the rest: (first batch, what the
-    generator still yielded at the end)."""
+async def pull_then_push(
+    http: HttpUpstream, sink: Sink, pause: float = 0.0
+) -> tuple[list[str], list[str]]:
+    """Pull the first batch, (after `pause`) set the sink, then drive the rest: (first
+    batch, what the generator still yielded at the end)."""
     delivery = Delivery()
     async with http.post("/s", {}) as resp:
         stream = http.events(resp, LineParser(), delivery)
         first = await stream.__anext__()
+        await asyncio.sleep(pause)
         delivery.sink = sink
         rest = [e.text for batch in [b async for b in stream] for e in batch]  # type: ignore[union-attr]
     return [e.text for e in first], rest  # type: ignore[union-attr]
@@ -132,6 +135,23 @@ async def test_a_full_sink_holds_the_socket_until_it_is_writable_again() -> None
         sink.resume()
         await asyncio.wait_for(task, 3)
     assert sink.batches == [["b"], ["c"]]
+
+
+@both_loops
+async def test_what_arrived_before_pushing_began_is_pushed_first() -> None:
+    """The end marker and then a dropped connection, both before the sink is set: the
+    buffered events are pushed, and the answer is whole (its end marker came)."""
+
+    async def handle(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(HEAD + chunk(b"a\n"))
+        await asyncio.sleep(0.05)
+        await conn.send(chunk(b"b\nEND\n"))  # then closed without the last chunk
+
+    sink = Sink()
+    async with Server(handle) as srv, upstream(srv.url) as http:
+        first, rest = await pull_then_push(http, sink, pause=0.3)
+    assert (first, sink.batches, rest) == (["a"], [["b"]], [])
 
 
 @both_loops

@@ -154,11 +154,12 @@ class Response:
         if self._paused:
             self._paused = False
             self._resume()
-        self._flush()
-        if self._exc is not None:
-            ended.set_exception(self._exc)
-        elif self._done:
-            ended.set_result(None)
+        self._flush()  # may end the relay already (the feed saw the protocol's end)
+        if not ended.done():
+            if self._exc is not None:
+                ended.set_exception(self._exc)
+            elif self._done:
+                ended.set_result(None)
         return ended
 
     def stop_relay(self) -> None:
