@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 import orjson  # noqa: E402
 import uvloop  # noqa: E402
 from fake_upstream import Prebuilt, Profile, UpstreamProtocol  # noqa: E402
+from run import CHAT_BODY  # noqa: E402
 
 from inferbridge.api.handlers import CompletionsEndpoint, Reply  # noqa: E402
 from inferbridge.config import load_config  # noqa: E402
@@ -41,15 +42,7 @@ from inferbridge.gateway import Gateway  # noqa: E402
 from inferbridge.observability import AccessLogWriter  # noqa: E402
 
 CHUNKS = 64
-BODY = {
-    "model": "bench",
-    "messages": [
-        {"role": "system", "content": "You are a helpful assistant."},
-        {"role": "user", "content": "Say hello to the benchmark."},
-    ],
-    "max_tokens": 64,
-    "temperature": 0.7,
-}
+BODY = orjson.loads(CHAT_BODY)  # what run.py's clients send
 
 
 class Discard:

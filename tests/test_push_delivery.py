@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 import pytest
@@ -170,9 +170,9 @@ async def test_a_parse_error_is_raised_after_the_events_before_it_were_pushed() 
     assert sink.batches == [["b"]]
 
 
-@both_loops
-async def test_a_sink_failure_ends_the_stream_and_closes_the_connection() -> None:
-    closed = asyncio.Event()
+def open_stream_noting_the_close(closed: asyncio.Event) -> Callable[[Conn], Awaitable[None]]:
+    """A handler that sends "a", then "b" once the sink is set, then keeps the body open
+    and sets `closed` when the client closes the connection."""
 
     async def handle(conn: Conn) -> None:
         await conn.request()
@@ -182,6 +182,13 @@ async def test_a_sink_failure_ends_the_stream_and_closes_the_connection() -> Non
         if await conn.client_closed():
             closed.set()
 
+    return handle
+
+
+@both_loops
+async def test_a_sink_failure_ends_the_stream_and_closes_the_connection() -> None:
+    closed = asyncio.Event()
+    handle = open_stream_noting_the_close(closed)
     sink = Sink()
     sink.fail = RuntimeError("the client's side broke")
     async with Server(handle) as srv, upstream(srv.url) as http:
@@ -193,15 +200,7 @@ async def test_a_sink_failure_ends_the_stream_and_closes_the_connection() -> Non
 @both_loops
 async def test_cancelling_a_pushed_stream_closes_the_connection() -> None:
     closed = asyncio.Event()
-
-    async def handle(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(HEAD + chunk(b"a\n"))
-        await asyncio.sleep(0.05)
-        await conn.send(chunk(b"b\n"))
-        if await conn.client_closed():
-            closed.set()
-
+    handle = open_stream_noting_the_close(closed)
     sink = Sink()
     async with Server(handle) as srv, upstream(srv.url) as http:
         task = asyncio.create_task(pull_then_push(http, sink))

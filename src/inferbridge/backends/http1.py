@@ -213,21 +213,24 @@ class Response:
     def _finish(self) -> None:
         self._flush()
         self._done = True
+        self._over(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._done and self._exc is None:
+            self._exc = exc
+            self._over(exc)
+
+    def _over(self, exc: BaseException | None) -> None:
+        """The answer is complete (or failed with `exc`): stop its timer, wake its reader,
+        end its relay."""
         if self._timer is not None:
             self._timer.cancel()
         self._wake()
         ended = self._ended
         if ended is not None and not ended.done():
-            ended.set_result(None)
-
-    def _fail(self, exc: BaseException) -> None:
-        if not self._done and self._exc is None:
-            self._exc = exc
-            if self._timer is not None:
-                self._timer.cancel()
-            self._wake()
-            ended = self._ended
-            if ended is not None and not ended.done():
+            if exc is None:
+                ended.set_result(None)
+            else:
                 ended.set_exception(exc)
 
     def _on_timeout(self) -> None:
