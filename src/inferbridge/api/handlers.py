@@ -11,7 +11,9 @@ Flow of `serve`:
 1. check the API key (401); parse and validate (400 naming the field), route (404);
 2. pull the first batch of events *before* sending any header, so a failure that happens
    before the first token is an HTTP error with its real status, not a 200 stream;
-3. stream chunks as each batch arrives, or assemble one JSON response.
+3. stream chunks as each batch arrives, or assemble one JSON response. On a transport
+   that can write without awaiting (`Reply.can_push`), the batches after the first are
+   pushed from the upstream socket's callback (`PushedChunks`, `events.Delivery`).
 
 When the client disconnects before the end, the transport cancels the request's task,
 which closes the upstream request too.
