@@ -38,6 +38,11 @@ class SSEDecoder:
         self._buf = b""
         self._id: str | None = None
 
+    @property
+    def buffered(self) -> bool:
+        """Whether part of an event is held from earlier input."""
+        return bool(self._buf)
+
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         buf = self._buf + chunk if self._buf else chunk
         if b"\r" in buf:  # a "\r" at the very end may begin a "\r\n" the next read completes

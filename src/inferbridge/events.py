@@ -22,12 +22,17 @@ from typing import Any, Protocol
 class TextDelta:
     """A piece of generated text for choice `index` (with its logprobs, if the backend gave any)."""
 
-    __slots__ = ("index", "logprobs", "text")
+    __slots__ = ("index", "json", "logprobs", "text")
 
-    def __init__(self, text: str, index: int = 0, logprobs: Any = None) -> None:
+    def __init__(
+        self, text: str, index: int = 0, logprobs: Any = None, json: bytes | None = None
+    ) -> None:
         self.text = text
         self.index = index
         self.logprobs = logprobs
+        self.json = json
+        """`text` as a JSON string (quotes included), exactly the bytes `orjson.dumps(text)`
+        gives, when the adapter already holds them (`inferbridge.backends.text_shape`)."""
 
     def __repr__(self) -> str:
         return f"TextDelta({self.text!r}, index={self.index})"

@@ -30,6 +30,7 @@ from inferbridge.backends.http import (
     load_json,
     status_error,
 )
+from inferbridge.backends.text_shape import TextShape
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import UpstreamError
@@ -124,20 +125,57 @@ def response_events(data: dict[str, Any], chat: bool) -> list[Event]:
     return _events(data, chat, whole=True)
 
 
+_LEARNING_TRIES = 8  # text chunks to learn a TextShape from before giving up
+_TEXT_KEY = {True: b'"content":', False: b'"text":'}
+
+
 class ChunkParser(ItemParser):
     """An OpenAI SSE stream -> events. `data: [DONE]` ends it; a stream that ends without
-    it is whole once a finish reason was seen (some servers omit the marker)."""
+    it is whole once a finish reason was seen (some servers omit the marker).
 
-    __slots__ = ("backend", "chat", "saw_finish")
+    Once a chunk carried nothing but text for choice 0, the chunks that repeat its bytes
+    around a new text are read by their `TextShape`, without parsing their JSON."""
+
+    __slots__ = ("backend", "chat", "learning", "saw_finish", "shape")
+
+    decoder: SSEDecoder
 
     def __init__(self, backend: OpenAICompatBackend, chat: bool) -> None:
         super().__init__(backend.label, SSEDecoder())
         self.backend = backend
         self.chat = chat
         self.saw_finish = False
+        self.shape: TextShape | None = None
+        self.learning = _LEARNING_TRIES
 
     def complete_without_marker(self) -> bool:
         return self.saw_finish
+
+    def feed(self, data: bytes) -> list[Event]:
+        shape = self.shape
+        if shape is None:
+            return super().feed(data)
+        batch: list[Event] = []
+        pos, misses = 0, 0
+        while pos < len(data) and misses < 2 and not self.done and self.error is None:
+            if not self.decoder.buffered:
+                found = shape.scan(data, pos, batch)
+                misses = 0 if found > pos else misses + 1
+                pos = found
+            # the next event the usual way (or the end of one begun in an earlier read)
+            end = data.find(b"\n\n", pos) + 2
+            if end < 2:
+                break
+            batch += super().feed(data[pos:end])
+            pos = end
+        if pos < len(data):
+            batch += super().feed(data[pos:] if pos else data)
+        return batch
+
+    def _learn(self, data: bytes, event: TextDelta) -> None:
+        self.learning -= 1
+        if event.index == 0 and event.logprobs is None:
+            self.shape = TextShape.learn(data, _TEXT_KEY[self.chat], event.text)
 
     def take(self, event: ServerSentEvent, batch: list[Event]) -> bool:
         data = event.data
@@ -155,9 +193,13 @@ class ChunkParser(ItemParser):
         events = _events(chunk, self.chat, whole=False)
         if events:
             batch += events
+            last = events[-1]
             # a chunk that only carries text (the usual one) has no finish reason
-            if not self.saw_finish and type(events[-1]) is not TextDelta:
-                self.saw_finish = any(type(e) is Finish for e in events)
+            if type(last) is not TextDelta:
+                if not self.saw_finish:
+                    self.saw_finish = any(type(e) is Finish for e in events)
+            elif self.learning and len(events) == 1 and self.shape is None:
+                self._learn(data, last)
         return False
 
 
