@@ -30,32 +30,30 @@ ODD = [b"", b"\xe2\x80\xa8", b"\xe2\x80\x8b"]  # empty, U+2028, zero-width space
 INVALID = [b"raw\x01control", b"broken\xffutf8", b"tab\there"]
 
 
-def chat_chunk(
-    text: bytes, *, cid: bytes = b"chatcmpl-1", index: int = 0, tail: bytes = b""
+def text_chunk(
+    chat: bool,
+    text: bytes,
+    *,
+    cid: bytes = b"id-1",
+    index: int = 0,
+    tail: bytes = b"",
+    role: bool = False,
 ) -> bytes:
-    return (
-        b'data: {"id":"' + cid + b'","object":"chat.completion.chunk","created":1700000000,'
-        b'"model":"m","choices":[{"index":%d,"delta":{"content":"'
-        % index
-        + text
-        + b'"},"logprobs":null,"finish_reason":null}]'
-        + tail
-        + b"}\n\n"
-    )
+    """A chat.completion.chunk (vLLM's layout) or text_completion chunk carrying `text`."""
+    if chat:
+        head = b'"object":"chat.completion.chunk","created":1700000000,"model":"m",'
+        start = b'"choices":[{"index":%d,"delta":{' % index
+        start += b'"role":"assistant",' if role else b""
+        choice = start + b'"content":"' + text + b'"},'
+    else:
+        head = b'"object":"text_completion","created":1700000000,"model":"m",'
+        choice = b'"choices":[{"text":"' + text + b'","index":%d,' % index
+    end = b'"logprobs":null,"finish_reason":null}]' + tail + b"}\n\n"
+    return b'data: {"id":"' + cid + b'",' + head + choice + end
 
 
-def completion_chunk(
-    text: bytes, *, cid: bytes = b"cmpl-1", index: int = 0, tail: bytes = b""
-) -> bytes:
-    return (
-        b'data: {"id":"' + cid + b'","object":"text_completion","created":1700000000,'
-        b'"model":"m","choices":[{"text":"'
-        + text
-        + b'","index":%d,' % index
-        + b'"logprobs":null,"finish_reason":null}]'
-        + tail
-        + b"}\n\n"
-    )
+def chat_chunk(text: bytes, **kwargs: Any) -> bytes:
+    return text_chunk(True, text, **kwargs)
 
 
 def finish_chunk(chat: bool) -> bytes:
@@ -68,20 +66,21 @@ USAGE = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_to
 
 
 def random_stream(rng: random.Random, chat: bool, invalid: bool) -> bytes:
-    chunk = chat_chunk if chat else completion_chunk
     pool = PLAIN * 4 + ESCAPED + ODD + (INVALID if invalid else [])
-    parts = [ROLE] if chat else []
+    parts = []
+    if chat:  # vLLM's first chunk has the role and no text; others' have both
+        parts.append(ROLE if rng.random() < 0.5 else text_chunk(True, b"Hi", role=True))
     for _ in range(rng.randint(1, 40)):
         roll = rng.random()
         text = rng.choice(pool)
         if roll < 0.8:
-            parts.append(chunk(text))
+            parts.append(text_chunk(chat, text))
         elif roll < 0.85:
-            parts.append(chunk(text, cid=b"other-id"))  # another prefix
+            parts.append(text_chunk(chat, text, cid=b"other-id"))  # another prefix
         elif roll < 0.9:
-            parts.append(chunk(text, index=1))  # another choice
+            parts.append(text_chunk(chat, text, index=1))  # another choice
         elif roll < 0.95:
-            parts.append(chunk(text, tail=b',"usage":null'))  # another suffix
+            parts.append(text_chunk(chat, text, tail=b',"usage":null'))  # another suffix
         else:
             parts.append(b": keep-alive\n\n")
     parts += [finish_chunk(chat), USAGE, b"data: [DONE]\n\n"]
@@ -188,3 +187,20 @@ def test_plain_text() -> None:
     assert plain_text(b'""') == ""
     for raw in (b'"a\\nb"', b'"\xff"', b'"\x1f"', b'"\x7f"'):
         assert plain_text(raw) is None
+
+
+@pytest.mark.parametrize("per_read", [1, 11, 100])
+def test_a_first_chunk_of_another_shape_is_outgrown(per_read: int) -> None:
+    """vLLM-like: the first chunk also carries the role. The shape learned from it does not
+    fit the next ones, which teach the right one: every later text chunk is spliced."""
+    events = [text_chunk(True, b"t0", role=True)]
+    events += [text_chunk(True, b"t%d" % i) for i in range(1, 40)]
+    events += [finish_chunk(True), b"data: [DONE]\n\n"]
+    parser = ChunkParser(BACKEND, chat=True)
+    got: list[Event] = []
+    for i in range(0, len(events), per_read):
+        got += parser.feed(b"".join(events[i : i + per_read]))
+    texts = [e for e in got if isinstance(e, TextDelta)]
+    assert [e.text for e in texts] == [f"t{i}" for i in range(40)]
+    assert sum(e.json is not None for e in texts) == 38  # all but the first two
+    assert parser.done

@@ -125,7 +125,7 @@ def response_events(data: dict[str, Any], chat: bool) -> list[Event]:
     return _events(data, chat, whole=True)
 
 
-_LEARNING_TRIES = 8  # text chunks to learn a TextShape from before giving up
+_LEARNING_TRIES = 16  # events a stream may spend on learning its TextShape
 _TEXT_KEY = {True: b'"content":', False: b'"text":'}
 
 
@@ -134,7 +134,8 @@ class ChunkParser(ItemParser):
     it is whole once a finish reason was seen (some servers omit the marker).
 
     Once a chunk carried nothing but text for choice 0, the chunks that repeat its bytes
-    around a new text are read by their `TextShape`, without parsing their JSON."""
+    around a new text are read by their `TextShape`, without parsing their JSON. Learning
+    (and re-learning, when chunks stop fitting) is bounded per stream."""
 
     __slots__ = ("backend", "chat", "learning", "saw_finish", "shape")
 
@@ -152,13 +153,17 @@ class ChunkParser(ItemParser):
         return self.saw_finish
 
     def feed(self, data: bytes) -> list[Event]:
-        shape = self.shape
-        if shape is None:
+        if self.shape is None and not self.learning:
             return super().feed(data)
         batch: list[Event] = []
-        pos, misses = 0, 0
-        while pos < len(data) and misses < 2 and not self.done and self.error is None:
-            if not self.decoder.buffered:
+        pos, misses, size = 0, 0, len(data)
+        while pos < size and misses < 2 and not self.done and self.error is None:
+            shape = self.shape
+            if shape is None:  # one event at a time, so what is learned serves this read
+                if not self.learning:
+                    break
+                self.learning -= 1
+            elif not self.decoder.buffered:
                 found = shape.scan(data, pos, batch)
                 misses = 0 if found > pos else misses + 1
                 pos = found
@@ -168,14 +173,18 @@ class ChunkParser(ItemParser):
                 break
             batch += super().feed(data[pos:end])
             pos = end
-        if pos < len(data):
+        if pos < size:
             batch += super().feed(data[pos:] if pos else data)
         return batch
 
     def _learn(self, data: bytes, event: TextDelta) -> None:
+        """Learn the shape of a text-only chunk that the current shape (if any) did not fit:
+        the first chunk may differ (vLLM's carries the role), or the shape changed."""
         self.learning -= 1
         if event.index == 0 and event.logprobs is None:
-            self.shape = TextShape.learn(data, _TEXT_KEY[self.chat], event.text)
+            shape = TextShape.learn(data, _TEXT_KEY[self.chat], event.text)
+            if shape is not None:
+                self.shape = shape
 
     def take(self, event: ServerSentEvent, batch: list[Event]) -> bool:
         data = event.data
@@ -198,7 +207,7 @@ class ChunkParser(ItemParser):
             if type(last) is not TextDelta:
                 if not self.saw_finish:
                     self.saw_finish = any(type(e) is Finish for e in events)
-            elif self.learning and len(events) == 1 and self.shape is None:
+            elif self.learning and len(events) == 1:
                 self._learn(data, last)
         return False
 
