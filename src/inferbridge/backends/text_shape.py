@@ -70,7 +70,7 @@ class TextShape:
                 end = find(b'"', start)
                 if end < 0 or not startswith(suffix, end):
                     break
-                text = buf[start:end].decode()
+                text = buf[start:end].decode()  # `plain_text`, inlined: once per chunk
                 if not text.isprintable() or "\\" in text:
                     break
                 if text:  # an empty string is no event, as when parsed
