@@ -45,6 +45,11 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 FLUSH_INTERVAL = 1.0  # seconds, with several workers: how stale another worker's /metrics is
 
 
+def _ms(seconds: float) -> float:
+    """Seconds as milliseconds to the microsecond (`round(x, 3)` formats a string inside)."""
+    return int(seconds * 1_000_000 + 0.5) / 1000
+
+
 class RequestTimer:
     """Instants of one request, from `time.perf_counter()`."""
 
@@ -344,7 +349,7 @@ class Observability:
         if not self.access_enabled:
             return
         line: dict[str, Any] = {
-            "ts": round(time.time(), 3),
+            "ts": int(time.time() * 1000) / 1000,
             "request_id": request.request_id,
             "kind": request.kind,
             "model": model,
@@ -354,9 +359,9 @@ class Observability:
             "attempts": route.attempts,
             "stream": request.stream,
             "status": timer.status,
-            "latency_ms": round((end - timer.start) * 1000, 3),
-            "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
-            "overhead_ms": round(overhead * 1000, 3),
+            "latency_ms": _ms(end - timer.start),
+            "ttft_ms": _ms(ttft) if ttft is not None else None,
+            "overhead_ms": _ms(overhead),
             "prompt_tokens": usage.get("prompt_tokens") if usage else None,
             "completion_tokens": usage.get("completion_tokens") if usage else None,
             "client_disconnected": timer.disconnected,

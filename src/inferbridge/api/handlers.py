@@ -74,8 +74,9 @@ class Reply:
         self.done = False
         self.gone = False
 
-    def watch(self, task: asyncio.Task[Any]) -> None:
-        """From now on, cancel `task` if the client disconnects."""
+    def watch(self) -> None:
+        """From now on, cancel the running task if the client disconnects (transports that
+        know their request's task, like `HotCycle`, need not do anything here)."""
 
     def unwatch(self) -> None:
         """Stop watching (the request is over)."""
@@ -195,9 +196,7 @@ class CompletionsEndpoint:
         timer.routed = _now()
         exchange = Exchange(request, route, timer, reply)
         self.observe.started(request.model)
-        task = asyncio.current_task()
-        assert task is not None
-        reply.watch(task)
+        reply.watch()
         try:
             if request.stream:
                 await self._stream(exchange, stream, choices)
@@ -206,6 +205,8 @@ class CompletionsEndpoint:
         except asyncio.CancelledError:
             if not reply.gone:
                 raise
+            task = asyncio.current_task()
+            assert task is not None
             task.uncancel()
             timer.disconnected = True
             log.info("request %s: client disconnected, upstream request cancelled", request_id)
@@ -365,8 +366,8 @@ class AsgiReply(Reply):
         self._task: asyncio.Task[Any] | None = None
         self._watcher: asyncio.Task[None] | None = None
 
-    def watch(self, task: asyncio.Task[Any]) -> None:
-        self._task = task
+    def watch(self) -> None:
+        self._task = asyncio.current_task()
         self._watcher = asyncio.create_task(self._watch())
 
     def unwatch(self) -> None:
