@@ -35,6 +35,7 @@ from inferbridge.api.handlers import (
     request_id_of,
     too_large,
 )
+from inferbridge.write_batch import BatchedTransport, batch_for
 
 log = logging.getLogger("inferbridge")
 
@@ -61,6 +62,11 @@ class InferbridgeHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.hot = hot_routes(self.app)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        # every write and close of this connection through the process's write batch
+        self.batch = batch_for(self.loop)
+        super().connection_made(BatchedTransport(transport, self.batch))  # type: ignore[arg-type]
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -229,6 +235,8 @@ class HotCycle(Reply):
             return
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.body = []
+        batch = self.protocol.batch
+        batch.busy += 1
         try:
             await self.endpoint.serve(self.headers, body, self)
         except asyncio.CancelledError:
@@ -240,6 +248,8 @@ class HotCycle(Reply):
             if not self.started and not self.gone:
                 self.keep_alive = False
                 self._write_whole(*error_reply(internal_error(request_id), request_id))
+        finally:
+            batch.busy -= 1
         if not self.response_complete and not self.gone:
             self.transport.close()  # the response cannot be completed
 

@@ -47,6 +47,8 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import httptools
 
+from inferbridge.write_batch import batch_for
+
 HIGH_WATER = 256 * 1024  # buffered body bytes above which the socket is paused
 KEEPALIVE = 60.0  # seconds an idle connection stays pooled
 DEFAULT_HEADERS = {"User-Agent": "inferbridge", "Accept": "*/*", "Accept-Encoding": "identity"}
@@ -265,7 +267,7 @@ class Connection(asyncio.Protocol):
         if deadline is not None:
             resp._timer = self.loop.call_at(deadline, resp._on_timeout)
         try:
-            self.transport.write(data)
+            self.pool.batch.write(self.transport, data)
         except (OSError, RuntimeError) as exc:  # closed under us: like a close before answering
             resp._fail(ConnectionClosed(f"write failed: {exc}"))
         return resp
@@ -273,6 +275,8 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.pool.batch.pending:  # a request written this turn goes first
+                self.pool.batch.flush()
             self.transport.close()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -360,6 +364,7 @@ class Pool:
         self.port = parts.port or (443 if scheme == "https" else 80)
         self.tls = scheme == "https"
         self.host_line = f"Host: {netloc.rpartition('@')[2]}\r\n".encode()
+        self.batch = batch_for(loop)
         self.idle: list[Connection] = []  # oldest first; reuse from the end
         self.conns: set[Connection] = set()
         self.heads: dict[tuple[str, str, str | None], bytes] = {}  # cached request heads

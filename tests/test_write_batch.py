@@ -1,0 +1,174 @@
+"""Writes batched to the end of the loop turn (`inferbridge.write_batch`): when they wait,
+that they keep their order, that closes send what is pending first; and, on real sockets,
+that concurrent requests through `inferbridge serve`'s protocol are batched and intact."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+from inferbridge.cli import HTTP_PROTOCOL
+from inferbridge.write_batch import BatchedTransport, WriteBatch, batch_for
+from tests.server import InferbridgeServer
+
+
+class Wire:
+    """What every fake transport wrote or did, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, Any]] = []
+
+
+class FakeTransport:
+    def __init__(self, name: str, wire: Wire) -> None:
+        self.name = name
+        self.wire = wire
+        self.closing = False
+        self.fail = False
+
+    def write(self, data: bytes) -> None:
+        if self.fail:
+            raise RuntimeError("transport broke")
+        self.wire.log.append((self.name, data))
+
+    def close(self) -> None:
+        self.closing = True
+        self.wire.log.append((self.name, "close"))
+
+    def abort(self) -> None:
+        self.closing = True
+        self.wire.log.append((self.name, "abort"))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 1)}.get(name, default)
+
+
+async def test_one_request_in_flight_writes_at_once() -> None:
+    batch = WriteBatch(asyncio.get_running_loop())
+    wire = Wire()
+    a = FakeTransport("a", wire)
+    batch.busy = 1
+    batch.write(a, b"1")  # type: ignore[arg-type]
+    assert wire.log == [("a", b"1")]
+    assert not batch.pending
+
+
+async def test_writes_wait_for_the_end_of_the_turn_in_order() -> None:
+    batch = WriteBatch(asyncio.get_running_loop())
+    wire = Wire()
+    a, b = FakeTransport("a", wire), FakeTransport("b", wire)
+    batch.busy = 3
+    for transport, data in ((a, b"1"), (b, b"x"), (a, b"2"), (b, b"y")):
+        batch.write(transport, data)  # type: ignore[arg-type]
+    assert wire.log == []  # nothing left yet
+    batch.busy = 1  # a write with something pending still queues behind it
+    batch.write(a, b"3")  # type: ignore[arg-type]
+    assert wire.log == []
+    await asyncio.sleep(0)
+    assert wire.log == [("a", b"1"), ("b", b"x"), ("a", b"2"), ("b", b"y"), ("a", b"3")]
+    assert not batch.pending
+
+
+async def test_close_sends_what_is_pending_first() -> None:
+    batch = WriteBatch(asyncio.get_running_loop())
+    wire = Wire()
+    a = BatchedTransport(FakeTransport("a", wire), batch)  # type: ignore[arg-type]
+    b = BatchedTransport(FakeTransport("b", wire), batch)  # type: ignore[arg-type]
+    batch.busy = 2
+    a.write(b"response")
+    b.write(b"other")
+    a.close()
+    assert wire.log == [("a", b"response"), ("b", b"other"), ("a", "close")]
+    b.write(b"more")
+    b.abort()
+    assert wire.log[-2:] == [("b", b"more"), ("b", "abort")]
+    await asyncio.sleep(0)  # the flush already scheduled finds nothing left
+    assert len(wire.log) == 5
+
+
+async def test_closed_or_broken_transports_are_skipped() -> None:
+    batch = WriteBatch(asyncio.get_running_loop())
+    wire = Wire()
+    gone, broken, fine = (FakeTransport(n, wire) for n in ("gone", "broken", "fine"))
+    batch.busy = 2
+    for transport in (gone, broken, fine):
+        batch.write(transport, b"data")  # type: ignore[arg-type]
+    gone.closing = True
+    broken.fail = True
+    await asyncio.sleep(0)
+    assert wire.log == [("fine", b"data")]
+
+
+async def test_batched_transport_passes_the_rest_through() -> None:
+    wire = Wire()
+    inner = FakeTransport("a", wire)
+    wrapped = BatchedTransport(inner, batch_for(asyncio.get_running_loop()))  # type: ignore[arg-type]
+    assert wrapped.get_extra_info("peername") == ("127.0.0.1", 1)
+    assert wrapped.is_closing() is False
+    assert wrapped.name == "a"  # anything else, from the transport
+    wrapped.writelines([b"a", b"b"])
+    assert wire.log == [("a", b"ab")]
+
+
+async def test_one_batch_per_loop() -> None:
+    loop = asyncio.get_running_loop()
+    assert batch_for(loop) is batch_for(loop)
+    other = asyncio.new_event_loop()
+    try:
+        assert batch_for(other) is not batch_for(loop)
+    finally:
+        other.close()
+
+
+# -- on the wire ------------------------------------------------------------------------------
+
+CONFIG: dict[str, Any] = {"models": [{"name": "slow", "backend": "echo", "delay": 0.02}]}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with InferbridgeServer(CONFIG, http=HTTP_PROTOCOL) as running:
+        yield running
+
+
+async def test_concurrent_requests_are_batched_and_intact(server, monkeypatch) -> None:
+    flushed: list[int] = []
+    original = WriteBatch.flush
+
+    def counting_flush(self: WriteBatch) -> None:
+        flushed.append(len(self.pending))
+        original(self)
+
+    monkeypatch.setattr(WriteBatch, "flush", counting_flush)
+
+    async def one(client: httpx.AsyncClient, i: int, stream: bool) -> str:
+        body = {
+            "model": "slow",
+            "messages": [{"role": "user", "content": f"request {i} says hello"}],
+            "stream": stream,
+        }
+        if not stream:
+            r = await client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            return str(r.json()["choices"][0]["message"]["content"])
+        text = []
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    delta = httpx.Response(200, content=line[6:]).json()["choices"][0]["delta"]
+                    text.append(delta.get("content") or "")
+        return "".join(text)
+
+    limits = httpx.Limits(max_connections=40)
+    async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=10) as client:
+        answers = await asyncio.gather(*(one(client, i, i % 2 == 0) for i in range(40)))
+    for i, answer in enumerate(answers):
+        assert f"request {i} says hello" in answer
+    assert any(n > 1 for n in flushed), flushed  # several writes did leave together
