@@ -7,7 +7,7 @@ before, and each send may have to wake the process reading the other end (the cl
 upstream) on another core. On a VM that wake-up is dear: under the benchmark's (b) load,
 `perf` put 12.7% of the proxy's CPU in waking the load core from inside its own writes.
 Sent back to back at the end of the turn, the writes wake that core once per batch:
-measured under (b), CPU per request 267 -> 187 µs. See bench/RESULTS.md.
+in an A/B under (b), CPU per request ~255 -> ~180 µs (bench/RESULTS.md).
 
 With one request in flight (`WriteBatch.busy` <= 1) there is nothing to batch with, and a
 write is sent at once: deferring it would only put the request's own bookkeeping (metrics,
