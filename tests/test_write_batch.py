@@ -172,3 +172,26 @@ async def test_concurrent_requests_are_batched_and_intact(server, monkeypatch) -
     for i, answer in enumerate(answers):
         assert f"request {i} says hello" in answer
     assert any(n > 1 for n in flushed), flushed  # several writes did leave together
+
+
+def test_a_batch_does_not_keep_its_loop_alive() -> None:
+    import gc
+    import weakref
+
+    loop = asyncio.new_event_loop()
+    batch_for(loop)
+    ref = weakref.ref(loop)
+    loop.close()
+    del loop
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_closed_loop_writes_at_once() -> None:
+    loop = asyncio.new_event_loop()
+    batch = WriteBatch(loop)
+    loop.close()
+    wire = Wire()
+    batch.busy = 5
+    batch.write(FakeTransport("a", wire), b"late")  # type: ignore[arg-type]
+    assert wire.log == [("a", b"late")]

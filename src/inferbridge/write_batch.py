@@ -33,10 +33,10 @@ log = logging.getLogger("inferbridge")
 class WriteBatch:
     """The pending writes of one event loop (`batch_for`)."""
 
-    __slots__ = ("__weakref__", "busy", "loop", "pending")
+    __slots__ = ("_loop", "busy", "pending")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self._loop = weakref.ref(loop)  # the loop's entry in `_BATCHES` must not keep it alive
         self.pending: list[tuple[asyncio.WriteTransport, bytes]] = []
         self.busy = 0
         """Requests in flight (counted by the hot routes): above one, writes are batched."""
@@ -47,7 +47,11 @@ class WriteBatch:
             if self.busy <= 1:
                 transport.write(data)
                 return
-            self.loop.call_soon(self.flush)
+            loop = self._loop()
+            if loop is None or loop.is_closed():  # no turn will come: send at once
+                transport.write(data)
+                return
+            loop.call_soon(self.flush)
         pending.append((transport, data))
 
     def flush(self) -> None:
