@@ -5,6 +5,8 @@ that concurrent requests through `inferbridge serve`'s protocol are batched and 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from typing import Any
 
 import httpx
@@ -128,16 +130,17 @@ async def test_one_batch_per_loop() -> None:
 
 # -- on the wire ------------------------------------------------------------------------------
 
-CONFIG: dict[str, Any] = {"models": [{"name": "slow", "backend": "echo", "delay": 0.02}]}
+CONFIG: dict[str, Any] = {
+    "models": [
+        {"name": "slow", "backend": "echo", "delay": 0.02},
+        {"name": "echo", "backend": "echo"},
+    ]
+}
 
 
-@pytest.fixture(scope="module")
-def server():
-    with InferbridgeServer(CONFIG, http=HTTP_PROTOCOL) as running:
-        yield running
-
-
-async def test_concurrent_requests_are_batched_and_intact(server, monkeypatch) -> None:
+@pytest.fixture
+def flushes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of writes each flush sent (the server's loop runs in another thread)."""
     flushed: list[int] = []
     original = WriteBatch.flush
 
@@ -146,7 +149,16 @@ async def test_concurrent_requests_are_batched_and_intact(server, monkeypatch) -
         original(self)
 
     monkeypatch.setattr(WriteBatch, "flush", counting_flush)
+    return flushed
 
+
+@pytest.fixture(scope="module")
+def server():
+    with InferbridgeServer(CONFIG, http=HTTP_PROTOCOL) as running:
+        yield running
+
+
+async def test_concurrent_requests_are_batched_and_intact(server, flushes) -> None:
     async def one(client: httpx.AsyncClient, i: int, stream: bool) -> str:
         body = {
             "model": "slow",
@@ -171,7 +183,47 @@ async def test_concurrent_requests_are_batched_and_intact(server, monkeypatch) -
         answers = await asyncio.gather(*(one(client, i, i % 2 == 0) for i in range(40)))
     for i, answer in enumerate(answers):
         assert f"request {i} says hello" in answer
-    assert any(n > 1 for n in flushed), flushed  # several writes did leave together
+    assert any(n > 1 for n in flushes), flushes  # several writes did leave together
+
+
+def test_pipelined_and_closing_answers_keep_their_order_while_batched(server, flushes) -> None:
+    """With slow streams in flight on other connections (so writes are batched), pipelined
+    answers still come in order, and an HTTP/1.0 answer arrives whole before the close."""
+    from tests.test_transports import Conn, answer, chat, request, streamed_text
+
+    stop = threading.Event()
+
+    def keep_busy() -> None:
+        body = chat("a slow stream " * 3, model="slow", stream=True)
+        while not stop.is_set():
+            httpx.post(server.url + "/v1/chat/completions", json=body, timeout=10)
+
+    busy = [threading.Thread(target=keep_busy) for _ in range(6)]
+    for thread in busy:
+        thread.start()
+    try:
+        time.sleep(0.2)
+        for round_ in range(5):
+            with Conn(server) as conn:
+                conn.send(
+                    request(chat(f"first {round_}", model="slow"))
+                    + request(chat(f"second {round_}", stream=True))
+                    + request({"model": "echo", "prompt": f"third {round_}"}, "/v1/completions")
+                )
+                first, second, third = (conn.read_response() for _ in range(3))
+            assert answer(first) == f"first {round_}"
+            assert streamed_text(second) == f"second {round_}"
+            assert third.json()["choices"][0]["text"] == f"third {round_}"
+            with Conn(server) as conn:
+                conn.send(request(chat(f"closing {round_}"), version="1.0"))
+                closing = conn.read_response()
+                assert conn.closed_by_server()
+            assert answer(closing) == f"closing {round_}"
+    finally:
+        stop.set()
+        for thread in busy:
+            thread.join(15)
+    assert any(n > 1 for n in flushes), flushes
 
 
 def test_a_batch_does_not_keep_its_loop_alive() -> None:
