@@ -95,19 +95,21 @@ class BatchedTransport:
     def writelines(self, lines: Any) -> None:
         self.write(b"".join(lines))
 
-    def close(self) -> None:
+    def _send_pending(self) -> None:
+        """Before a close or an end of writing: what is queued leaves first, in order."""
         if self._batch.pending:
             self._batch.flush()
+
+    def close(self) -> None:
+        self._send_pending()
         self.transport.close()
 
     def abort(self) -> None:
-        if self._batch.pending:
-            self._batch.flush()
+        self._send_pending()
         self.transport.abort()
 
     def write_eof(self) -> None:
-        if self._batch.pending:
-            self._batch.flush()
+        self._send_pending()
         self.transport.write_eof()
 
     def is_closing(self) -> bool:
