@@ -102,3 +102,86 @@ def test_pending_metrics_flush_equals_direct_prometheus_calls():
 
     assert lines(pending_side) == lines(direct)
     assert any('le="0.0005"' in x for x in lines(direct))
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> int:
+        self.data += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _finished_request(obs, status: int = 200):
+    from inferbridge.api.protocol import build_request
+    from inferbridge.observability import RequestTimer
+    from inferbridge.request import RouteInfo
+
+    request = build_request("chat", {"model": "m", "messages": USER})
+    request.request_id = "rid"
+    route = RouteInfo()
+    route.model, route.deployment, route.backend, route.attempts = "m", "m#0", "echo", 1
+    timer = RequestTimer()
+    timer.status = status
+    obs.started("m")
+    return request, route, timer
+
+
+def _requests_total(obs) -> float:
+    value = obs.metrics.registry.get_sample_value(
+        "inferbridge_requests_total",
+        {"model": "m", "deployment": "m#0", "backend": "echo", "status": "200"},
+    )
+    return value or 0.0
+
+
+async def test_finished_requests_are_drained_in_batches():
+    """`record` leaves the gauge exact at once and the rest to a drain: after
+    DRAIN_DELAY, at DRAIN_MAX requests, or when the metrics are read."""
+    import asyncio
+
+    from inferbridge import observability
+    from inferbridge.observability import AccessLogWriter, Observability
+
+    obs = Observability()
+    sink = _Sink()
+    obs.access = AccessLogWriter(sink, interval=0.01)
+    obs.start()
+    try:
+        obs.record(*_finished_request(obs), {"prompt_tokens": 3, "completion_tokens": 4})
+        assert obs.metrics.pending.in_flight["m"] == 0
+        assert not obs.metrics.pending.counts  # counted at the drain, not yet
+        await asyncio.sleep(observability.DRAIN_DELAY + 0.1)
+        assert not obs._finished
+        lines = [json.loads(x) for x in sink.data.splitlines()]
+        assert [(x["request_id"], x["status"], x["prompt_tokens"]) for x in lines] == [
+            ("rid", 200, 3)
+        ]
+        assert abs(lines[0]["ts"] - time.time()) < 5
+
+        for _ in range(observability.DRAIN_MAX):
+            obs.record(*_finished_request(obs), None)
+        assert not obs._finished  # the DRAIN_MAX-th drained them all at once
+        obs.metrics.pending.flush()
+        assert _requests_total(obs) == observability.DRAIN_MAX + 1
+
+        obs.record(*_finished_request(obs), None)
+        assert b"inferbridge_requests_total" in obs.exposition()
+        assert _requests_total(obs) == observability.DRAIN_MAX + 2  # read: drained first
+    finally:
+        obs.stop()
+
+
+def test_record_outside_a_serving_loop_drains_at_once():
+    from inferbridge.observability import AccessLogWriter, Observability
+
+    obs = Observability(access_log=False)
+    obs.access = AccessLogWriter(_Sink())
+    obs.record(*_finished_request(obs), None)
+    assert not obs._finished
+    obs.metrics.pending.flush()
+    assert _requests_total(obs) == 1
