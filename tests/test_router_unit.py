@@ -327,3 +327,36 @@ async def test_gateway_close_waits_for_streams_in_progress_then_closes_backends(
         pass
     await asyncio.wait_for(closing, 1)
     assert closed == [True]
+
+
+def test_an_attempt_copies_every_field_and_owns_its_dicts():
+    """`InferenceRequest.copy` (what each attempt's `prepare` changes) keeps every field,
+    a field added later included, and gives the attempt its own params, extras and body."""
+    import dataclasses
+
+    from inferbridge.events import Delivery
+
+    values = {
+        "kind": "completion",
+        "model": "m",
+        "params": {"temperature": 0.5},
+        "extras": {"top_k": 3},
+        "messages": [{"role": "user", "content": "hi"}],
+        "prompt": "p",
+        "stream": True,
+        "include_usage": True,
+        "body": {"model": "m"},
+        "request_id": "rid",
+        "delivery": Delivery(),
+    }
+    assert set(values) == {f.name for f in dataclasses.fields(InferenceRequest)}
+    original = InferenceRequest(**values)
+    copy = original.copy()
+    for name, value in values.items():
+        assert getattr(copy, name) == value, name
+    copy.params["temperature"] = 1.0
+    copy.extras.clear()
+    copy.body["model"] = "other"
+    assert original.params == {"temperature": 0.5}
+    assert original.extras == {"top_k": 3}
+    assert original.body == {"model": "m"}

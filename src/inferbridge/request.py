@@ -42,6 +42,23 @@ class InferenceRequest:
     """Set by the OpenAI layer on streamed requests: lets the stream push its batches
     (`inferbridge.events.Delivery`)."""
 
+    def copy(self) -> InferenceRequest:
+        """A copy whose `params`, `extras` and `body` may be changed without touching this
+        request (what an adapter's `prepare` gets, so a retry starts from the original)."""
+        return InferenceRequest(
+            self.kind,
+            self.model,
+            dict(self.params),
+            dict(self.extras),
+            self.messages,
+            self.prompt,
+            self.stream,
+            self.include_usage,
+            dict(self.body),
+            self.request_id,
+            self.delivery,
+        )
+
     @property
     def max_tokens(self) -> int | None:
         return self.params.get("max_tokens")
