@@ -706,3 +706,15 @@ def test_malformed_body(server, body, message):
         # the connection is still good
         ok = client.post(CHAT, json=chat("fine now"))
         assert ok.json()["choices"][0]["message"]["content"] == "fine now"
+
+
+def test_default_headers_are_encoded_again_when_uvicorn_replaces_them():
+    """The hot routes reuse the encoded `date`/`server` lines until uvicorn's once-a-second
+    tick replaces the list."""
+    from inferbridge.api.http_protocol import _encoded
+
+    first = [(b"date", b"Sat, 21 Nov 2026 10:00:00 GMT"), (b"server", b"uvicorn")]
+    assert _encoded(first) == b"date: Sat, 21 Nov 2026 10:00:00 GMT\r\nserver: uvicorn\r\n"
+    assert _encoded(first) is _encoded(first)
+    later = [(b"date", b"Sat, 21 Nov 2026 10:00:01 GMT"), (b"server", b"uvicorn")]
+    assert _encoded(later) == b"date: Sat, 21 Nov 2026 10:00:01 GMT\r\nserver: uvicorn\r\n"

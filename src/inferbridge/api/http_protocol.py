@@ -43,6 +43,19 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+_defaults: tuple[object, bytes] = (None, b"")
+
+
+def _encoded(default_headers: Headers) -> bytes:
+    """uvicorn's default headers (`date`, `server`...) as header lines. uvicorn replaces the
+    list every second (the date); until then each response reuses the same bytes."""
+    global _defaults
+    if _defaults[0] is not default_headers:
+        lines = b"".join(b"%b: %b\r\n" % (name, value) for name, value in default_headers)
+        _defaults = (default_headers, lines)
+    return _defaults[1]
+
+
 def hot_routes(app: Any) -> dict[bytes, CompletionsEndpoint]:
     """The hot routes of an inferbridge `FrontDoor`, looked for under uvicorn's wrappers;
     empty for any other app (then this protocol is plain `HttpToolsProtocol`)."""
@@ -311,9 +324,7 @@ class HotCycle(Reply):
 
     # -- writing --------------------------------------------------------------------------
     def _head(self, status: int, headers: Headers, framing: bytes) -> bytes:
-        parts = [STATUS_LINE[status]]
-        for name, value in self.protocol.server_state.default_headers:
-            parts += (name, b": ", value, b"\r\n")
+        parts = [STATUS_LINE[status], _encoded(self.protocol.server_state.default_headers)]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         parts.append(framing)
