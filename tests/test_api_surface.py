@@ -59,6 +59,25 @@ def test_bad_completion_body(echo_server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
+def test_validation_messages_speak_json_not_python():
+    """A wrong type is described as JSON ("a valid dictionary"), never as a Python class, and
+    a json_schema format without its schema names the field."""
+    from inferbridge.api.protocol import build_request
+    from inferbridge.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as info:
+        build_request("chat", {"model": "m", "messages": ["hi"]})
+    assert info.value.param == "messages[0]"
+    assert "valid dictionary" in info.value.message
+    assert "instance" not in info.value.message
+    with pytest.raises(InvalidRequest) as info:
+        build_request(
+            "chat", {"model": "m", "messages": USER, "response_format": {"type": "json_schema"}}
+        )
+    assert info.value.param == "response_format"
+    assert "json_schema is required" in info.value.message
+
+
 def test_sdk_raises_bad_request(echo_server):
     with pytest.raises(openai.BadRequestError) as info:
         echo_server.openai().chat.completions.create(model="echo", messages=[])

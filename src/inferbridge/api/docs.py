@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferbridge import __version__
 from inferbridge.api.cold import ColdRoutes
-from inferbridge.api.protocol import ChatCompletionRequest, CompletionRequest
+from inferbridge.api.protocol import SCHEMAS, ChatCompletionRequest, CompletionRequest
 from inferbridge.errors import InferbridgeError, InvalidRequest
 
 log = logging.getLogger("inferbridge")
@@ -100,13 +100,23 @@ def _document_hot_routes(api: FastAPI) -> None:
             return api.openapi_schema
         schema = base_openapi()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for path, model, summary in (
-            ("/v1/chat/completions", ChatCompletionRequest, "Create a chat completion"),
-            ("/v1/completions", CompletionRequest, "Create a completion (legacy)"),
+        for path, kind, name, summary in (
+            (
+                "/v1/chat/completions",
+                "chat",
+                ChatCompletionRequest.__name__,
+                "Create a chat completion",
+            ),
+            (
+                "/v1/completions",
+                "completion",
+                CompletionRequest.__name__,
+                "Create a completion (legacy)",
+            ),
         ):
-            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            js = SCHEMAS[kind].json_schema(ref_template="#/components/schemas/{model}")
             components.update(js.pop("$defs", {}))
-            components[model.__name__] = js
+            components[name] = js
             schema["paths"][path] = {
                 "post": {
                     "tags": ["openai"],
@@ -116,9 +126,7 @@ def _document_hot_routes(api: FastAPI) -> None:
                     "requestBody": {
                         "required": True,
                         "content": {
-                            "application/json": {
-                                "schema": {"$ref": f"#/components/schemas/{model.__name__}"}
-                            }
+                            "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}
                         },
                     },
                     "responses": {

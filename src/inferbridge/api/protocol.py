@@ -1,57 +1,64 @@
 """OpenAI request schemas (pydantic) and their translation into an `InferenceRequest`.
 
-The models follow OpenAI's published schema: every OpenAI field is accepted and checked,
+The schemas follow OpenAI's published schema: every OpenAI field is accepted and checked,
 and unknown fields are kept as backend extras. Validation is strict about types (a string
 is not a number) and every failure becomes a 400 whose `param` names the field, such as
 `messages[0].role` or `temperature`.
 
-The body is parsed once with orjson and validated once; the resulting `InferenceRequest`
-carries the original dicts, so no model objects are built or dumped on the hot path beyond
-that single validation.
+The body is parsed once with orjson and validated once against TypedDict schemas (no object
+is built per message); the resulting `InferenceRequest` carries the original dicts, so
+nothing is dumped again on the hot path.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from inferbridge.errors import InvalidRequest
 from inferbridge.request import InferenceRequest, Kind
 
-
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+# Every schema is a TypedDict validated by pydantic: the same checks and error locations as
+# models, without building an object per message (the body is used as parsed, as a dict).
+_open = with_config(ConfigDict(extra="allow", strict=True))
 
 
 # -- messages -------------------------------------------------------------------------------
-class TextPart(_Open):
+@_open
+class TextPart(TypedDict):
     type: Literal["text"]
     text: str
 
 
-class ImageURL(_Open):
+@_open
+class ImageURL(TypedDict):
     url: str
-    detail: str | None = None
+    detail: NotRequired[str | None]
 
 
-class ImagePart(_Open):
+@_open
+class ImagePart(TypedDict):
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-class AudioPart(_Open):
+@_open
+class AudioPart(TypedDict):
     type: Literal["input_audio"]
     input_audio: dict[str, Any]
 
 
-class FilePart(_Open):
+@_open
+class FilePart(TypedDict):
     type: Literal["file"]
     file: dict[str, Any]
 
 
-class RefusalPart(_Open):
+@_open
+class RefusalPart(TypedDict):
     type: Literal["refusal"]
     refusal: str
 
@@ -62,51 +69,59 @@ ContentPart = Annotated[
 Content = str | list[ContentPart]
 
 
-class FunctionCall(_Open):
+@_open
+class FunctionCall(TypedDict):
     name: str
     arguments: str
 
 
-class ToolCall(_Open):
+@_open
+class ToolCall(TypedDict):
     id: str
-    type: Literal["function"] = "function"
+    type: NotRequired[Literal["function"]]
     function: FunctionCall
 
 
-class SystemMessage(_Open):
+@_open
+class SystemMessage(TypedDict):
     role: Literal["system"]
     content: Content
-    name: str | None = None
+    name: NotRequired[str | None]
 
 
-class DeveloperMessage(_Open):
+@_open
+class DeveloperMessage(TypedDict):
     role: Literal["developer"]
     content: Content
-    name: str | None = None
+    name: NotRequired[str | None]
 
 
-class UserMessage(_Open):
+@_open
+class UserMessage(TypedDict):
     role: Literal["user"]
     content: Content
-    name: str | None = None
+    name: NotRequired[str | None]
 
 
-class AssistantMessage(_Open):
+@_open
+class AssistantMessage(TypedDict):
     role: Literal["assistant"]
-    content: Content | None = None
-    name: str | None = None
-    refusal: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    function_call: FunctionCall | None = None
+    content: NotRequired[Content | None]
+    name: NotRequired[str | None]
+    refusal: NotRequired[str | None]
+    tool_calls: NotRequired[list[ToolCall] | None]
+    function_call: NotRequired[FunctionCall | None]
 
 
-class ToolMessage(_Open):
+@_open
+class ToolMessage(TypedDict):
     role: Literal["tool"]
     content: Content
     tool_call_id: str
 
 
-class FunctionMessage(_Open):
+@_open
+class FunctionMessage(TypedDict):
     role: Literal["function"]
     content: str | None
     name: str
@@ -125,47 +140,57 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function
 
 
 # -- tools and formats ----------------------------------------------------------------------
-class FunctionDefinition(_Open):
-    name: str = Field(min_length=1)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+@_open
+class FunctionDefinition(TypedDict):
+    name: Annotated[str, Field(min_length=1)]
+    description: NotRequired[str | None]
+    parameters: NotRequired[dict[str, Any] | None]
+    strict: NotRequired[bool | None]
 
 
-class Tool(_Open):
+@_open
+class Tool(TypedDict):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(_Open):
+@_open
+class NamedFunction(TypedDict):
     name: str
 
 
-class NamedToolChoice(_Open):
+@_open
+class NamedToolChoice(TypedDict):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JSONSchemaFormat(_Open):
+@_open
+class JSONSchemaFormat(TypedDict):
     name: str
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
+    description: NotRequired[str | None]
+    schema: NotRequired[dict[str, Any] | None]
+    strict: NotRequired[bool | None]
 
 
-class ResponseFormat(_Open):
+@_open
+class ResponseFormat(TypedDict):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("json_schema is required when type is 'json_schema'")
-        return self
+    json_schema: NotRequired[JSONSchemaFormat | None]
 
 
-class StreamOptions(_Open):
-    include_usage: bool | None = None
+def _schema_given(value: ResponseFormat) -> ResponseFormat:
+    if value["type"] == "json_schema" and value.get("json_schema") is None:
+        raise ValueError("json_schema is required when type is 'json_schema'")
+    return value
+
+
+CheckedResponseFormat = Annotated[ResponseFormat, AfterValidator(_schema_given)]
+
+
+@_open
+class StreamOptions(TypedDict):
+    include_usage: NotRequired[bool | None]
 
 
 Stop = str | list[str]
@@ -173,56 +198,70 @@ Unit = Annotated[float, Field(ge=0, le=1)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 
 
-class _Common(_Open):
-    model: str = Field(min_length=1)
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Unit | None = None
-    n: Annotated[int, Field(ge=1, le=128)] | None = None
-    stop: Stop | None = None
-    seed: int | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
+@_open
+class _Common(TypedDict):
+    model: Annotated[str, Field(min_length=1)]
+    temperature: NotRequired[Annotated[float, Field(ge=0, le=2)] | None]
+    top_p: NotRequired[Unit | None]
+    n: NotRequired[Annotated[int, Field(ge=1, le=128)] | None]
+    stop: NotRequired[Stop | None]
+    seed: NotRequired[int | None]
+    presence_penalty: NotRequired[Penalty | None]
+    frequency_penalty: NotRequired[Penalty | None]
+    logit_bias: NotRequired[dict[str, float] | None]
+    user: NotRequired[str | None]
+    stream: NotRequired[bool | None]
+    stream_options: NotRequired[StreamOptions | None]
 
 
+@_open
 class ChatCompletionRequest(_Common):
     """`POST /v1/chat/completions`."""
 
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: NotRequired[Annotated[int, Field(ge=1)] | None]
+    max_completion_tokens: NotRequired[Annotated[int, Field(ge=1)] | None]
+    logprobs: NotRequired[bool | None]
+    top_logprobs: NotRequired[Annotated[int, Field(ge=0, le=20)] | None]
+    response_format: NotRequired[CheckedResponseFormat | None]
+    tools: NotRequired[list[Tool] | None]
+    tool_choice: NotRequired[Literal["none", "auto", "required"] | NamedToolChoice | None]
+    parallel_tool_calls: NotRequired[bool | None]
 
 
+@_open
 class CompletionRequest(_Common):
     """`POST /v1/completions` (legacy)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=0)] | None = None
-    suffix: str | None = None
-    echo: bool | None = None
-    best_of: Annotated[int, Field(ge=0, le=20)] | None = None
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    max_tokens: NotRequired[Annotated[int, Field(ge=0)] | None]
+    suffix: NotRequired[str | None]
+    echo: NotRequired[bool | None]
+    best_of: NotRequired[Annotated[int, Field(ge=0, le=20)] | None]
+    logprobs: NotRequired[Annotated[int, Field(ge=0, le=5)] | None]
+
+
+SCHEMAS: dict[Kind, TypeAdapter[Any]] = {
+    "chat": TypeAdapter(ChatCompletionRequest),
+    "completion": TypeAdapter(CompletionRequest),
+}
+"""The request body's validator per route kind (also what /docs describes)."""
+
+
+def _fields(schema: Any) -> frozenset[str]:
+    return frozenset(schema.__required_keys__ | schema.__optional_keys__)
 
 
 # -- body -> InferenceRequest -----------------------------------------------------------------
 _NOT_PARAMS = frozenset(
     {"model", "messages", "prompt", "stream", "stream_options", "max_completion_tokens"}
 )
-_CHAT_FIELDS = frozenset(ChatCompletionRequest.model_fields)
-_COMPLETION_FIELDS = frozenset(CompletionRequest.model_fields)
+_CHAT_FIELDS = _fields(ChatCompletionRequest)
+_COMPLETION_FIELDS = _fields(CompletionRequest)
 _KNOWN_NAMES = (
     _CHAT_FIELDS
     | _COMPLETION_FIELDS
-    | {n for m in (ToolCall, FunctionCall, ImageURL, JSONSchemaFormat) for n in m.model_fields}
+    | {n for m in (ToolCall, FunctionCall, ImageURL, JSONSchemaFormat) for n in _fields(m)}
     | {
         "content",
         "role",
@@ -295,9 +334,8 @@ def parse_body(body: bytes) -> dict[str, Any]:
 
 def build_request(kind: Kind, data: dict[str, Any]) -> InferenceRequest:
     """Validate an OpenAI body and normalize it for the router and adapters."""
-    schema = ChatCompletionRequest if kind == "chat" else CompletionRequest
     try:
-        schema.model_validate(data)
+        SCHEMAS[kind].validate_python(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
     fields = _CHAT_FIELDS if kind == "chat" else _COMPLETION_FIELDS
