@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py --quick          # ~2 minutes
     .venv/bin/python bench/run.py                  # full rounds (~7 minutes)
     .venv/bin/python bench/run.py --soak --soak-minutes 10
+    .venv/bin/python bench/ab.py --base HEAD~3     # two versions side by side (ab.py)
 
 Starts `bench/fake_upstream.py` and `python -m inferbridge serve` in front of it, pins the
 proxy to core 0 and everything else (fake upstream, wrk, the streaming client, this script)
@@ -743,10 +744,11 @@ def start_proxy(
     workers: int,
     src: Path,
     extra_env: list[str] | None = None,
+    name: str = "inferbridge",
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = free_port()
     cores = str(PROXY_CORE) if workers == 1 else f"{PROXY_CORE},{LOAD_CORE}"
-    log = tmp / f"inferbridge-w{workers}.log"
+    log = tmp / f"{name}-w{workers}.log"
     cmd = [
         "taskset",
         "-c",
@@ -1170,7 +1172,10 @@ async def warm_up(bench: Bench, targets: list[Target]) -> None:
         )
 
 
-async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> int:
+async def start_upstream(
+    children: Children, tmp: Path, chunks: int, max_seconds: float
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """The fake upstream on the load core, ready: its process, fast port and slow port."""
     fast_port, slow_port = free_port(), free_port()
     up_log = tmp / "upstream.log"
     upstream = children.start(
@@ -1181,15 +1186,22 @@ async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> 
             sys.executable,
             str(BENCH_DIR / "fake_upstream.py"),
             "--listen",
-            f"{fast_port}:{args.chunks}:0",
+            f"{fast_port}:{chunks}:0",
             "--listen",
             f"{slow_port}:{SLOW_CHUNKS}:{SLOW_DELAY_MS}",
             "--max-seconds",
-            str(args.max_seconds),
+            str(max_seconds),
         ],
         up_log,
     )
     await wait_ready(f"http://{HOST}:{fast_port}/health", upstream, up_log)
+    return upstream, fast_port, slow_port
+
+
+async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> int:
+    upstream, fast_port, slow_port = await start_upstream(
+        children, tmp, args.chunks, args.max_seconds
+    )
     config = write_config(tmp, fast_port, slow_port, args.server_option or [])
     script = tmp / "chat.lua"
     script.write_text(WRK_SCRIPT % CHAT_BODY.decode(), encoding="utf-8")
