@@ -13,11 +13,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferbridge import __version__
 from inferbridge.api.cold import ColdRoutes
-from inferbridge.api.protocol import SCHEMAS, ChatCompletionRequest, CompletionRequest
+from inferbridge.api.protocol import ChatCompletionRequest, CompletionRequest
 from inferbridge.errors import InferbridgeError, InvalidRequest
 
 log = logging.getLogger("inferbridge")
@@ -100,21 +101,14 @@ def _document_hot_routes(api: FastAPI) -> None:
             return api.openapi_schema
         schema = base_openapi()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for path, kind, name, summary in (
-            (
-                "/v1/chat/completions",
-                "chat",
-                ChatCompletionRequest.__name__,
-                "Create a chat completion",
-            ),
-            (
-                "/v1/completions",
-                "completion",
-                CompletionRequest.__name__,
-                "Create a completion (legacy)",
-            ),
+        for path, request_schema, summary in (
+            ("/v1/chat/completions", ChatCompletionRequest, "Create a chat completion"),
+            ("/v1/completions", CompletionRequest, "Create a completion (legacy)"),
         ):
-            js = SCHEMAS[kind].json_schema(ref_template="#/components/schemas/{model}")
+            name = request_schema.__name__
+            js = TypeAdapter(request_schema).json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
             components.update(js.pop("$defs", {}))
             components[name] = js
             schema["paths"][path] = {

@@ -245,7 +245,7 @@ SCHEMAS: dict[Kind, TypeAdapter[Any]] = {
     "chat": TypeAdapter(ChatCompletionRequest),
     "completion": TypeAdapter(CompletionRequest),
 }
-"""The request body's validator per route kind (also what /docs describes)."""
+"""The request body's validator per route kind."""
 
 
 def _fields(schema: Any) -> frozenset[str]:
