@@ -20,14 +20,21 @@ from inferbridge.config import load_config
 
 class InferbridgeServer:
     def __init__(
-        self, config: dict[str, Any], *, api_key: str = "sk-test", http: str = HTTP_PROTOCOL
+        self,
+        config: dict[str, Any],
+        *,
+        api_key: str = "sk-test",
+        http: str = HTTP_PROTOCOL,
+        **uvicorn_options: Any,
     ) -> None:
-        """`http`: uvicorn's protocol; `"httptools"` serves the hot routes through plain ASGI."""
+        """`http`: uvicorn's protocol; `"httptools"` serves the hot routes through plain ASGI.
+        `uvicorn_options`: more `uvicorn.Config` arguments (`timeout_keep_alive`...)."""
         # Access logs off unless a test asks for them: they would print into pytest's output.
         server = {"access_log": False, **(config.get("server") or {})}
         self.config = load_config(data={**config, "server": server}, environ={})
         self.api_key = api_key
         self.http = http
+        self.uvicorn_options = uvicorn_options
         self.port = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -62,6 +69,7 @@ class InferbridgeServer:
             log_level="warning",
             access_log=False,
             lifespan="on",
+            **self.uvicorn_options,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, daemon=True, name="inferbridge")

@@ -643,7 +643,83 @@ def test_disconnect_mid_stream_cancels_upstream(server):
         assert answer(conn.read_response()) == "and here"
 
 
-# -- 9. requests that are not hot -----------------------------------------------------------
+@transports(
+    asgi_bug="uvicorn tells only the cycle it read last of the disconnect: the stream ahead "
+    "of it runs on until a write to the closed connection fails"
+)
+def test_disconnect_with_a_pipelined_request_behind_the_stream(server):
+    """The stream being answered is cancelled even though the request the connection read
+    last is the pipelined one behind it, and that one never reaches a backend."""
+    wait_until(lambda: metric(server, "inferbridge_requests_in_flight", "slow") == 0.0)
+    before = metric(server, "inferbridge_client_disconnects_total", "slow")
+    served = requests_total(server, "slow")
+    words = " ".join(f"w{i}" for i in range(100))  # 5 s of tokens
+    with Conn(server) as conn:
+        conn.send(request(chat(words, model="slow", stream=True)) + request(chat("late", "slow")))
+        while conn.buf.count(b"data: ") < 2:
+            conn._fill()
+    assert wait_until(lambda: metric(server, "inferbridge_requests_in_flight", "slow") == 0.0)
+    assert metric(server, "inferbridge_client_disconnects_total", "slow") == before + 1
+    time.sleep(0.1)
+    assert requests_total(server, "slow") == served + 1
+
+
+def requests_total(server: InferbridgeServer, model: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    found = re.findall(
+        rf'^inferbridge_requests_total{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.M
+    )
+    return sum(float(n) for n in found)
+
+
+# -- 9. the connection's worker and keep-alive ----------------------------------------------
+
+
+def test_one_worker_per_connection_counted_only_while_serving():
+    """Hot requests on one connection run in one worker task; between requests it is not in
+    uvicorn's `tasks` (what graceful shutdown and limit_concurrency count), and it ends
+    with its connection."""
+    with InferbridgeServer(CONFIG) as server:
+        assert server._server is not None
+        state = server._server.server_state
+        with Conn(server) as conn:
+            conn.send(request(chat("one")))
+            assert answer(conn.read_response()) == "one"
+            (protocol,) = state.connections
+            worker = protocol.worker
+            assert worker is not None and not worker.done()
+            for text in ("two", "three"):
+                conn.send(request(chat(text)))
+                assert answer(conn.read_response()) == text
+                assert protocol.worker is worker
+            assert wait_until(lambda: not state.tasks)
+        assert wait_until(worker.done)
+        assert protocol.worker is None and not worker.cancelled()
+
+
+@transports(fixture="keep_alive_server")
+def test_idle_connection_closed_after_keep_alive_timeout(keep_alive_server):
+    server = keep_alive_server
+    with Conn(server) as conn:
+        conn.send(request(chat("one")))
+        assert answer(conn.read_response()) == "one"
+        time.sleep(0.3)  # busy again before the timeout: the clock starts over
+        conn.send(request(chat("two")))
+        assert answer(conn.read_response()) == "two"
+        answered = time.monotonic()
+        assert conn.closed_by_server(timeout=3)
+        idle = time.monotonic() - answered
+        assert 0.45 < idle < 0.9, idle
+
+
+@pytest.fixture
+def keep_alive_server(request: pytest.FixtureRequest) -> Iterator[InferbridgeServer]:
+    """A server whose idle connections are closed after 0.5 s."""
+    with InferbridgeServer(CONFIG, http=request.param, timeout_keep_alive=0.5) as server:
+        yield server
+
+
+# -- 10. requests that are not hot ----------------------------------------------------------
 
 
 def test_other_routes_untouched(server):
@@ -680,7 +756,7 @@ def test_hot_and_cold_on_one_connection(server):
         assert conn.read_response().json() == {"status": "ok"}
 
 
-# -- 10. malformed bodies -------------------------------------------------------------------
+# -- 11. malformed bodies -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,21 @@
 hot routes served straight from the connection instead of through an ASGI cycle.
 
 For `POST /v1/chat/completions` and `POST /v1/completions` (with or without `/v1`) the
-body is collected as the parser delivers it, and one task per request runs
+body is collected as the parser delivers it, and the connection's worker task runs
 `CompletionsEndpoint.serve` with a `HotCycle` as its `Reply`, which writes the status line,
 headers and body to the transport itself: a whole JSON response in one write, each stream
 batch as one chunk. Measured in bench/, this saves the per-request ASGI plumbing (scope,
 receive/send messages, header re-validation, two writes per response) and the disconnect
 watcher task: `connection_lost` cancels the request directly.
+
+Per request, three more costs of uvicorn's protocol are avoided (measured together in
+bench/RESULTS.md, seventh pass):
+- one worker task per connection runs its hot requests one after another, woken by a
+  future, instead of a new task per request (Python 3.11 registers every task in a
+  Python-level `WeakSet`: creating one costs ~4 µs more than waking one);
+- the keep-alive timeout is one timer per connection that re-arms itself from the time the
+  connection last went idle, instead of a timer armed and cancelled around every response;
+- the ASGI scope is only built for requests that go to the ASGI app.
 
 Everything else (other paths and methods, the lifespan, keep-alive, pipelining, flow
 control, graceful shutdown, limits, bad requests) stays uvicorn's: requests that are not
@@ -75,19 +84,40 @@ class InferbridgeHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.hot = hot_routes(self.app)
+        self.worker: asyncio.Task[None] | None = None
+        self.waiting: asyncio.Future[HotCycle | None] | None = None  # the idle worker's
+        self.queued: HotCycle | None = None  # for the worker, when it was busy
+        self.running: HotCycle | None = None  # the worker's
+        self.idle_since: float | None = None  # loop time the last response completed at
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         # every write and close of this connection through the process's write batch
         self.batch = batch_for(self.loop)
         super().connection_made(BatchedTransport(transport, self.batch))  # type: ignore[arg-type]
 
+    def on_message_begin(self) -> None:
+        # uvicorn builds the request's ASGI scope here; only a request for the ASGI app
+        # needs one (`_asgi_scope`)
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+
+    def _asgi_scope(self) -> None:
+        """uvicorn's scope for the request whose URL and headers were just parsed."""
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.expect_100_continue = url, expect
+        self.headers = self.scope["headers"] = headers
+
     def on_headers_complete(self) -> None:
         parser = self.parser
-        if self.hot and parser.get_method() == b"POST" and not parser.should_upgrade():
-            endpoint = self.hot.get(httptools.parse_url(self.url).path)
+        hot = self.hot
+        if hot and parser.get_method() == b"POST" and not parser.should_upgrade():
+            endpoint = hot.get(self.url) or hot.get(httptools.parse_url(self.url).path)
             if endpoint is not None and not self._over_concurrency_limit():
                 self._begin_hot(endpoint)
                 return
+        self._asgi_scope()
         super().on_headers_complete()
 
     def _over_concurrency_limit(self) -> bool:
@@ -111,12 +141,42 @@ class InferbridgeHttpProtocol(HttpToolsProtocol):
                 cycle.expect_continue = True
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        # uvicorn's, with the keep-alive timer re-armed by itself (`_keep_alive_due`)
+        self.server_state.total_requests += 1
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
+            if self.pipeline:
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+            else:
+                self.idle_since = self.loop.time()
+                if self.timeout_keep_alive_task is None:
+                    self.timeout_keep_alive_task = self.loop.call_later(
+                        self.timeout_keep_alive, self._keep_alive_due
+                    )
         cycle = self.cycle
         previous = cycle.previous if isinstance(cycle, HotCycle) else None
         if previous is not None and previous.response_complete:
             cycle.previous = None
             cycle.take_turn()
+
+    def _unset_keepalive_if_required(self) -> None:
+        # uvicorn calls this on every read: the connection is busy, its timer stays
+        self.idle_since = None
+
+    def _keep_alive_due(self) -> None:
+        """The keep-alive timer: close the connection if it has been idle for
+        `timeout_keep_alive` seconds, else wait for the rest of that time (if it is busy
+        now, the end of its response arms the timer again)."""
+        self.timeout_keep_alive_task = None
+        since = self.idle_since
+        if since is None or self.transport.is_closing():
+            return
+        left = since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._keep_alive_due)
+        else:
+            self.timeout_keep_alive_handler()
 
     def on_body(self, body: bytes) -> None:
         cycle = self.cycle
@@ -145,16 +205,66 @@ class InferbridgeHttpProtocol(HttpToolsProtocol):
             super()._start_asgi_task(cycle, app)
 
     def _start_hot(self, cycle: HotCycle) -> None:
-        task = cycle.task = self.loop.create_task(cycle.run())
-        task.add_done_callback(self.tasks.discard)
-        self.tasks.add(task)
+        """Hand `cycle` to the connection's worker (started by the first hot request)."""
+        waiting = self.waiting
+        if waiting is not None:
+            self.waiting = None
+            waiting.set_result(cycle)
+            return
+        self.queued = cycle  # the worker takes it once its current request is over
+        if self.worker is None:
+            self.worker = self.loop.create_task(self._work())
+
+    async def _work(self) -> None:
+        """The worker: the connection's hot requests, one after another. A request is in
+        `tasks` (uvicorn's count for graceful shutdown and `limit_concurrency`) while it
+        runs; a response completes before the next request on the connection starts, so
+        the worker never makes one wait for more than the previous one's bookkeeping."""
+        task = self.worker
+        assert task is not None
+        tasks = self.tasks
+        try:
+            while True:
+                cycle = self.queued
+                if cycle is not None:
+                    self.queued = None
+                elif self.parser is None:  # uvicorn's sign that the connection was lost
+                    return
+                else:
+                    waiting = self.waiting = self.loop.create_future()
+                    cycle = await waiting
+                    if cycle is None:
+                        return
+                if cycle.gone:  # disconnected before its turn
+                    continue
+                cycle.task = task
+                self.running = cycle
+                tasks.add(task)
+                try:
+                    await cycle.run()
+                finally:
+                    tasks.discard(task)
+                    cycle.task = self.running = None
+        finally:
+            self.worker = self.waiting = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle
         if isinstance(cycle, HotCycle):
             self.cycle = None  # type: ignore[assignment]
             cycle.connection_lost()
+        running = self.running
+        if running is not None and running is not cycle:  # a pipelined request is behind it
+            running.connection_lost()
         super().connection_lost(exc)
+        waiting = self.waiting
+        if waiting is not None:  # the idle worker ends
+            self.waiting = None
+            waiting.set_result(None)
+        timer = self.timeout_keep_alive_task
+        if timer is not None:
+            self.timeout_keep_alive_task = None
+            timer.cancel()
 
 
 class HotCycle(Reply):
