@@ -413,6 +413,38 @@ async def test_timer_is_cancelled_once_the_body_is_complete() -> None:
 
 
 @both_loops
+async def test_deadlines_of_successive_requests_on_one_connection() -> None:
+    """One timer per connection serves every request on it: a later request's deadline,
+    earlier or later than the one the timer was armed for, is the one kept."""
+
+    async def handle(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            if req[0].startswith("GET /hang"):
+                await asyncio.sleep(5)
+            if req[0].startswith("GET /slow"):
+                await asyncio.sleep(0.25)
+            await conn.answer(b'{"ok": true}')
+
+    async with Server(handle) as srv, upstream(srv.url, timeout=0.3) as http:
+        loop = asyncio.get_running_loop()
+        async with http.request("GET", "/") as resp:  # arms the connection's timer: +0.3 s
+            await resp.read()
+        # an earlier deadline than the one armed (its 0.05 s, against the first one's 0.3 s)
+        start = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            async with http.request("GET", "/hang", timeout=0.05):
+                pass
+        assert loop.time() - start < 0.2
+        # (that connection was closed) a later one: it must not time out at the first's
+        async with http.request("GET", "/") as resp:
+            await resp.read()
+        await asyncio.sleep(0.15)
+        async with http.request("GET", "/slow") as resp:
+            assert await http.read_json(resp) == {"ok": True}
+    assert srv.connections == 2
+
+
+@both_loops
 async def test_connect_refused_is_unreachable() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -23,9 +23,12 @@ just that, with `httptools` (llhttp) parsing the responses:
   `feed(data)` from the connection's `data_received`, with no buffering and no task
   wake-up per read; `hold()` / `unhold()` stop and restart reading the socket (the
   consumer's flow control) and the returned future ends with the body (or its failure).
-- Timeouts: the connect timeout wraps `create_connection`; the total timeout is ONE
-  `loop.call_at` timer per request that fails the response with `TimeoutError` and closes
-  the connection, cancelled once the body is complete (no timer object per read).
+- Timeouts: the connect timeout wraps `create_connection`; the total timeout is a deadline
+  per response, watched by one timer per connection that re-arms itself for the deadline
+  of the answer in progress when it fires (`Connection._deadline_due`). A timed-out answer
+  fails with `TimeoutError` and closes its connection. Arming and cancelling a timer around
+  every request cost ~2.4 µs (a libuv timer each time); a pooled connection now arms one
+  about once per `timeout`.
 - A connection goes back to the pool only after a complete body with keep-alive allowed;
   a response released early (client gone, `async with` left) closes its connection, so the
   upstream sees the disconnect and stops generating.
@@ -92,8 +95,8 @@ class Response:
     """One answer: `status`, `headers`, and the body through `read_any()` / `read()`."""
 
     __slots__ = (
-        "_body", "_chunks", "_conn", "_done", "_ended", "_exc", "_feed", "_got_bytes", "_head",
-        "_held", "_loop", "_paused", "_size", "_timer", "_until_close", "_waiter", "headers",
+        "_body", "_chunks", "_conn", "_deadline", "_done", "_ended", "_exc", "_feed", "_got_bytes",
+        "_head", "_held", "_loop", "_paused", "_size", "_until_close", "_waiter", "headers",
         "status",
     )  # fmt: skip
 
@@ -109,7 +112,7 @@ class Response:
         self._held = False
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # loop time the total timeout ends at
         self._feed: Callable[[bytes], None] | None = None
         self._ended: asyncio.Future[None] | None = None
 
@@ -223,10 +226,8 @@ class Response:
             self._over(exc)
 
     def _over(self, exc: BaseException | None) -> None:
-        """The answer is complete (or failed with `exc`): stop its timer, wake its reader,
-        end its relay."""
-        if self._timer is not None:
-            self._timer.cancel()
+        """The answer is complete (or failed with `exc`): wake its reader, end its relay."""
+        self._deadline = None
         self._wake()
         ended = self._ended
         if ended is not None and not ended.done():
@@ -261,18 +262,47 @@ class Connection(asyncio.Protocol):
         self.resp: Response | None = None
         self.closed = False
         self.idle_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None  # see `_deadline_due`
+        self.timer_at = 0.0
 
     def send(self, data: bytes, deadline: float | None) -> Response:
         resp = self.resp = Response(self)
         if deadline is not None:
-            resp._timer = self.loop.call_at(deadline, resp._on_timeout)
+            resp._deadline = deadline
+            if self.timer is None or deadline < self.timer_at:
+                self._arm(deadline)
         try:
             self.pool.batch.write(self.transport, data)
         except (OSError, RuntimeError) as exc:  # closed under us: like a close before answering
             resp._fail(ConnectionClosed(f"write failed: {exc}"))
         return resp
 
+    def _arm(self, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_at = when
+        self.timer = self.loop.call_at(when, self._deadline_due)
+
+    def _deadline_due(self) -> None:
+        """The connection's timer: time out the answer in progress if its deadline has
+        come, else wait for that deadline (an idle connection needs no timer)."""
+        self.timer = None
+        resp = self.resp
+        deadline = resp._deadline if resp is not None else None
+        if deadline is None:
+            return
+        if deadline - self.loop.time() > 0.001:  # a later request's deadline
+            self._arm(deadline)
+        else:
+            resp._on_timeout()  # type: ignore[union-attr]
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def close(self) -> None:
+        self._disarm()
         if not self.closed:
             self.closed = True
             if self.pool.batch.pending:  # a request written this turn goes first
@@ -303,6 +333,7 @@ class Connection(asyncio.Protocol):
             resp._flush()  # one delivery per socket read, however many HTTP chunks it held
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
         self.closed = True
         self.pool.conns.discard(self)
         resp, self.resp = self.resp, None
