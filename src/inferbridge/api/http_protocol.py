@@ -207,7 +207,7 @@ class InferbridgeHttpProtocol(HttpToolsProtocol):
     def _start_hot(self, cycle: HotCycle) -> None:
         """Hand `cycle` to the connection's worker (started by the first hot request)."""
         waiting = self.waiting
-        if waiting is not None:
+        if waiting is not None and not waiting.done():  # (done: cancelled, at shutdown)
             self.waiting = None
             waiting.set_result(cycle)
             return
@@ -258,7 +258,7 @@ class InferbridgeHttpProtocol(HttpToolsProtocol):
             running.connection_lost()
         super().connection_lost(exc)
         waiting = self.waiting
-        if waiting is not None:  # the idle worker ends
+        if waiting is not None and not waiting.done():  # the idle worker ends
             self.waiting = None
             waiting.set_result(None)
         timer = self.timeout_keep_alive_task
