@@ -10,6 +10,7 @@ pair of processes is fresh, and the two swap ports and start order every other p
 
     .venv/bin/python bench/ab.py --base HEAD~3                 # working tree vs a commit
     .venv/bin/python bench/ab.py --base v1 --new v2 --pairs 6 --mode stream
+    .venv/bin/python bench/ab.py --base HEAD --new HEAD --new-python /other/venv/bin/python
 
 Prints each round's CPU per request and the ratio new/base, then the geometric mean of the
 ratios with their range (below 1.000: the new version costs less).
@@ -57,7 +58,10 @@ async def one_pair(
     ratios new/base of CPU per request."""
     procs, urls = {}, {}
     for name in order:
-        proc, port, log = start_proxy(children, tmp, config, 1, versions[name], name=name)
+        python = getattr(args, f"{name}_python")
+        proc, port, log = start_proxy(
+            children, tmp, config, 1, versions[name], name=name, python=python
+        )
         await wait_ready(f"http://{HOST}:{port}/health", proc, log)
         procs[name], urls[name] = proc, f"http://{HOST}:{port}/v1/chat/completions"
     try:
@@ -97,6 +101,10 @@ async def compare(args: argparse.Namespace, children: Children, tmp: Path) -> in
         where = tmp / name
         where.mkdir()
         versions[name], labels[name] = source_tree(argparse.Namespace(commit=rev), where)
+    for name in ("base", "new"):
+        python = getattr(args, f"{name}_python")
+        if python:
+            labels[name] += f" under {python}"
     print(f"base: {labels['base']}   new: {labels['new']}   mode: {args.mode}", flush=True)
     ratios: list[float] = []
     for pair in range(args.pairs):
@@ -119,6 +127,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="rounds per pair (default 2)")
     parser.add_argument("--seconds", type=float, default=4.0, help="per round (default 4)")
     parser.add_argument("--mode", choices=["nonstream", "stream"], default="nonstream")
+    for name in ("base", "new"):
+        parser.add_argument(
+            f"--{name}-python",
+            metavar="PATH",
+            help=f"the interpreter the {name} version runs under, with inferbridge's "
+            "dependencies installed (default: this one)",
+        )
     args = parser.parse_args()
     children = Children()
     try:

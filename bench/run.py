@@ -745,7 +745,10 @@ def start_proxy(
     src: Path,
     extra_env: list[str] | None = None,
     name: str = "inferbridge",
+    python: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """Start the proxy from `src` under `python` (default: this interpreter), which must
+    have inferbridge's dependencies installed."""
     port = free_port()
     cores = str(PROXY_CORE) if workers == 1 else f"{PROXY_CORE},{LOAD_CORE}"
     log = tmp / f"{name}-w{workers}.log"
@@ -753,7 +756,7 @@ def start_proxy(
         "taskset",
         "-c",
         cores,
-        sys.executable,
+        os.path.abspath(python) if python else sys.executable,  # (not resolved: a venv's link)
         "-m",
         "inferbridge",
         "serve",
@@ -1218,7 +1221,9 @@ async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> 
     if args.soak:
         return await soak(bench, children, tmp, config, direct)
 
-    proxy_proc, port, log = start_proxy(children, tmp, config, 1, bench.src, bench.args.proxy_env)
+    proxy_proc, port, log = start_proxy(
+        children, tmp, config, 1, bench.src, bench.args.proxy_env, python=bench.args.python
+    )
     await wait_ready(f"http://{HOST}:{port}/health", proxy_proc, log)
     proxy = Target(
         "inferbridge",
@@ -1271,7 +1276,9 @@ async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> 
 
     if not args.skip_workers and (only is None or "g" in only):
         print("(g) restarting inferbridge with --workers 2", flush=True)
-        proxy2, port2, log2 = start_proxy(children, tmp, config, 2, bench.src, bench.args.proxy_env)
+        proxy2, port2, log2 = start_proxy(
+            children, tmp, config, 2, bench.src, bench.args.proxy_env, python=bench.args.python
+        )
         await wait_ready(f"http://{HOST}:{port2}/health", proxy2, log2)
         await asyncio.sleep(1.0)
         p2 = Target(
@@ -1297,7 +1304,8 @@ async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> 
     load = (bench.loadavg, loadavg())
     print()
     print(
-        f"inferbridge benchmark, {datetime.date.today()}, {bench.source}, {machine()}, "
+        f"inferbridge benchmark, {datetime.date.today()}, {bench.source}, "
+        f"proxy under {proxy_python(args)}, {machine()}, "
         f"{args.rounds} rounds x {args.seconds:g} s, medians"
     )
     print(
@@ -1313,6 +1321,7 @@ async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> 
                 "date": str(datetime.date.today()),
                 "machine": machine(),
                 "source": bench.source,
+                "proxy_python": proxy_python(args),
                 "args": vars(args),
                 "speed_check_ns": speed,
                 "loadavg": load,
@@ -1386,7 +1395,9 @@ async def soak(bench: Bench, children: Children, tmp: Path, config: Path, direct
     minutes = bench.args.soak_minutes
     seconds = minutes * 60
     base_at = 60.0 if seconds >= 120 else seconds / 2
-    proxy_proc, port, log = start_proxy(children, tmp, config, 1, bench.src, bench.args.proxy_env)
+    proxy_proc, port, log = start_proxy(
+        children, tmp, config, 1, bench.src, bench.args.proxy_env, python=bench.args.python
+    )
     await wait_ready(f"http://{HOST}:{port}/health", proxy_proc, log)
     url = f"http://{HOST}:{port}/v1/chat/completions"
     print(
@@ -1508,6 +1519,21 @@ def speed_check() -> float:
     return float(out.strip())
 
 
+def proxy_python(args: argparse.Namespace) -> str:
+    """The proxy's interpreter: version, and whether libpython is a shared library (see
+    "The interpreter" in bench/README.md)."""
+    python = args.python or sys.executable
+    probe = "import platform; print(platform.python_version())"
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+    version = out.stdout.strip()
+    linked = subprocess.run(["ldd", python], capture_output=True, text=True).stdout
+    libpython = "shared libpython" if "libpython" in linked else "libpython linked in"
+    shown = Path(python)
+    if shown.is_absolute() and shown.is_relative_to(REPO):
+        shown = shown.relative_to(REPO)
+    return f"{shown} (Python {version}, {libpython})"
+
+
 def loadavg() -> str:
     with contextlib.suppress(OSError), open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -1624,6 +1650,13 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="also measure nginx as a plain reverse proxy in the proxy's seat (auto: when "
         "installed)",
+    )
+    parser.add_argument(
+        "--python",
+        metavar="PATH",
+        help="the interpreter the proxy runs under, with inferbridge's dependencies "
+        'installed (default: the one running this script); see "The interpreter" in '
+        "bench/README.md",
     )
     parser.add_argument("--json", metavar="FILE", help="write the raw per-round results")
     args = parser.parse_args(argv)
