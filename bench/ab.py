@@ -93,9 +93,12 @@ async def one_pair(
 async def compare(args: argparse.Namespace, children: Children, tmp: Path) -> int:
     _, fast_port, slow_port = await start_upstream(children, tmp, 64, 3600)
     config = write_config(tmp, fast_port, slow_port, [])
-    body = CHAT_BODY if args.mode == "nonstream" else stream_body("bench")
+    body = stream_body("bench") if args.mode == "stream" else CHAT_BODY
     script = tmp / "ab.lua"
-    script.write_text(WRK_SCRIPT % body.decode(), encoding="utf-8")
+    lua = WRK_SCRIPT % body.decode()
+    if args.mode == "connect":  # a new connection for every request
+        lua += 'wrk.headers["Connection"] = "close"\n'
+    script.write_text(lua, encoding="utf-8")
     versions, labels = {}, {}
     for name, rev in (("base", args.base), ("new", args.new)):
         where = tmp / name
@@ -126,7 +129,13 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=4, help="fresh process pairs (default 4)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per pair (default 2)")
     parser.add_argument("--seconds", type=float, default=4.0, help="per round (default 4)")
-    parser.add_argument("--mode", choices=["nonstream", "stream"], default="nonstream")
+    parser.add_argument(
+        "--mode",
+        choices=["nonstream", "stream", "connect"],
+        default="nonstream",
+        help="non-streamed requests on kept-alive connections (default), 64-chunk streams, "
+        "or non-streamed requests each on a new connection (connect)",
+    )
     for name in ("base", "new"):
         parser.add_argument(
             f"--{name}-python",

@@ -697,6 +697,41 @@ def test_one_worker_per_connection_counted_only_while_serving():
         assert protocol.worker is None and not worker.cancelled()
 
 
+def test_connection_addresses_looked_up_only_for_asgi_requests():
+    """An ASGI request's scope has the client's and the server's addresses; a connection
+    that only makes hot requests never looks them up (system calls, per connection)."""
+    with InferbridgeServer(CONFIG) as server:
+        assert server._server is not None
+        state = server._server.server_state
+        with Conn(server) as conn:
+            conn.send(request(chat("one")))
+            assert answer(conn.read_response()) == "one"
+            (protocol,) = state.connections
+            assert protocol.client is None and protocol.server is None
+            conn.send(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert conn.read_response().json() == {"status": "ok"}
+            assert protocol.scope["client"] == conn.sock.getsockname()[:2]
+            assert protocol.scope["server"] == conn.sock.getpeername()[:2]
+            conn.send(request(chat("two")))  # hot again, on the same connection
+            assert answer(conn.read_response()) == "two"
+
+
+def test_servers_in_one_process_each_serve_their_own_app():
+    """The hot routes a connection serves are its own server's (they are looked up once
+    per app, not per connection), with two servers of different models running at once."""
+    with (
+        InferbridgeServer({"models": [{"name": "first", "backend": "echo"}]}) as first,
+        InferbridgeServer({"models": [{"name": "second", "backend": "echo"}]}) as second,
+    ):
+        for _ in range(2):
+            for server, own, other in ((first, "first", "second"), (second, "second", "first")):
+                with Conn(server) as conn:
+                    conn.send(request(chat("mine", model=own)))
+                    assert answer(conn.read_response()) == "mine"
+                    conn.send(request(chat("theirs", model=other)))
+                    assert_envelope(conn.read_response(), 404)
+
+
 @transports(fixture="keep_alive_server")
 def test_idle_connection_closed_after_keep_alive_timeout(keep_alive_server):
     server = keep_alive_server
