@@ -104,7 +104,6 @@ async def compare(args: argparse.Namespace, children: Children, tmp: Path) -> in
         where = tmp / name
         where.mkdir()
         versions[name], labels[name] = source_tree(argparse.Namespace(commit=rev), where)
-    for name in ("base", "new"):
         python = getattr(args, f"{name}_python")
         if python:
             labels[name] += f" under {python}"
