@@ -11,7 +11,7 @@ one-byte round trips to it, one at a time. Three cases:
 
 On this VM the cross-core round trip costs ~130 µs p50 against ~25 µs on one core, and
 ~65 µs with core 0 kept busy: waking an idle virtual CPU is what costs. That is the floor
-under what any proxy adds at concurrency 1 here (see README.md, "The nginx column").
+under what any proxy adds at concurrency 1 here (see README.md, "The reference columns").
 """
 
 from __future__ import annotations

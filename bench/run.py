@@ -9,8 +9,9 @@ Starts `bench/fake_upstream.py` and `python -m inferbridge serve` in front of it
 proxy to core 0 and everything else (fake upstream, wrk, the streaming client, this script)
 to core 1, then runs every phase in alternating rounds (direct, inferbridge, direct, ...)
 and prints one Markdown table of medians. See bench/README.md for what each figure means.
-When nginx is installed it is measured too, in the proxy's seat, as the floor any proxy
-pays on this machine (`--reference`).
+Two references are measured in the proxy's seat in the same rounds (`--reference`): nginx,
+when installed, as what any proxy pays on this machine, and the Python floor
+(`floor_proxy.py`), the least a Python proxy built from inferbridge's parts does.
 
 Load tools: `wrk` (Debian package) with a Lua script for the non-streaming phases, and an
 aiohttp client here that verifies every streamed answer (every chunk valid OpenAI JSON,
@@ -633,14 +634,17 @@ http {{
 """
 
 
-def reference_wanted(choice: str) -> bool:
-    """Whether to run the nginx reference column (`--reference`: auto, nginx or none)."""
-    if choice == "none":
-        return False
-    found = shutil.which("nginx") or Path("/usr/sbin/nginx").exists()
-    if choice == "nginx" and not found:
+def references_wanted(chosen: list[str] | None) -> list[str]:
+    """The reference columns to measure (`--reference`, repeatable): by default nginx when
+    it is installed, and the Python floor (`bench/floor_proxy.py`)."""
+    found = bool(shutil.which("nginx") or Path("/usr/sbin/nginx").exists())
+    if not chosen:
+        return ["nginx", "floor"] if found else ["floor"]
+    if "none" in chosen:
+        return []
+    if "nginx" in chosen and not found:
         raise SystemExit("--reference nginx: nginx is not installed (apt-get install -y nginx)")
-    return bool(found)
+    return list(dict.fromkeys(chosen))
 
 
 def nginx_version() -> str:
@@ -667,6 +671,28 @@ def start_nginx(
     errors = tmp / "nginx-error.log"
     cmd = ["taskset", "-c", str(PROXY_CORE), exe, "-p", str(tmp), "-e", str(errors)]
     return children.start([*cmd, "-c", str(conf)], log), fast, slow, log
+
+
+def start_floor(
+    children: Children, tmp: Path, fast_up: int, slow_up: int, src: Path, python: str | None
+) -> tuple[subprocess.Popen[bytes], int, int, Path]:
+    """The Python floor (`floor_proxy.py`) on the proxy's core, under the proxy's interpreter
+    and with its source tree's HTTP client."""
+    fast, slow = free_port(), free_port()
+    log = tmp / "floor.log"
+    cmd = [
+        "taskset",
+        "-c",
+        str(PROXY_CORE),
+        os.path.abspath(python) if python else sys.executable,
+        str(BENCH_DIR / "floor_proxy.py"),
+        "--route",
+        f"{fast}=http://{HOST}:{fast_up}",
+        "--route",
+        f"{slow}=http://{HOST}:{slow_up}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    return children.start(cmd, log, env), fast, slow, log
 
 
 def _tail(log: Path) -> str:
@@ -824,8 +850,8 @@ class Row:
     vs_direct: str
     target: str = ""
     verdict: str = ""
-    nginx: str = ""
-    vs_nginx: str = ""
+    ref: str = ""  # the reference's figure (nginx, or the Python floor)
+    vs_ref: str = ""
 
 
 def fmt(value: float, digits: int = 0) -> str:
@@ -842,33 +868,35 @@ def build_table(
     results: dict[str, dict[str, list[dict[str, Any]]]],
     idle: dict[str, float],
     chunks: int = FAST_CHUNKS,
+    ref: str = "nginx",
 ) -> list[Row]:
+    """The rows, with the `ref` reference's cells (empty when it was not measured)."""
     rows: list[Row] = []
     R = results
 
     def ng(phase: str) -> list[dict[str, Any]]:
-        """The nginx reference's rounds of `phase` (empty without `--reference`)."""
-        return R.get(phase, {}).get("nginx", [])
+        """The reference's rounds of `phase` (empty when it was not measured)."""
+        return R.get(phase, {}).get(ref, [])
 
     def ng_fig(phase: str, key: str, digits: int = 0, scale: float = 1.0) -> str:
         n = ng(phase)
         return fmt(med(n, key) * scale, digits) if n else ""
 
     def ng_added(phase: str, key: str) -> tuple[str, str]:
-        """(nginx's figure with what it adds to direct, inferbridge's addition vs nginx's)."""
+        """(ref's figure with what it adds to direct, inferbridge's addition vs ref's)."""
         n = ng(phase)
         if not n:
             return "", ""
         d, p = R[phase]["direct"], R[phase]["inferbridge"]
-        by_nginx = paired(d, n, key, _diff)
+        by_ref = paired(d, n, key, _diff)
         by_us = paired(d, p, key, _diff)
         return (
-            f"{fmt(med(n, key))} (+{fmt(by_nginx)})",
-            f"{by_us - by_nginx:+,.0f} µs ({_ratio(by_us, by_nginx):.2f}x nginx's added)",
+            f"{fmt(med(n, key))} (+{fmt(by_ref)})",
+            f"{by_us - by_ref:+,.0f} µs ({_ratio(by_us, by_ref):.2f}x {ref}'s added)",
         )
 
     def ng_ratio(phase: str, key: str, digits: int = 0) -> tuple[str, str]:
-        """(nginx's figure, inferbridge's as a multiple of nginx's)."""
+        """(ref's figure, inferbridge's as a multiple of ref's)."""
         n = ng(phase)
         if not n:
             return "", ""
@@ -892,7 +920,7 @@ def build_table(
                 fmt(med(d, "p99_us")),
                 fmt(med(p, "p99_us")),
                 f"+{fmt(paired(d, p, 'p99_us', _diff))} µs",
-                nginx=ng_fig("a", "p99_us"),
+                ref=ng_fig("a", "p99_us"),
             ),
             Row(
                 "(a) CPU per request (µs; direct = upstream's)",
@@ -921,7 +949,7 @@ def build_table(
                 f"{fmt(med(d, 'p50_us') / 1000, 2)} / {fmt(med(d, 'p99_us') / 1000, 2)}",
                 f"{fmt(med(p, 'p50_us') / 1000, 2)} / {fmt(med(p, 'p99_us') / 1000, 2)}",
                 f"{paired(d, p, 'p50_us', _ratio):.2f}x p50",
-                nginx=f"{ng_fig('b', 'p50_us', 2, 1e-3)} / {ng_fig('b', 'p99_us', 2, 1e-3)}"
+                ref=f"{ng_fig('b', 'p50_us', 2, 1e-3)} / {ng_fig('b', 'p99_us', 2, 1e-3)}"
                 if ng("b")
                 else "",
             ),
@@ -939,14 +967,14 @@ def build_table(
                 fmt(1e6 / med(d, "cpu_us")),
                 fmt(1e6 / med(p, "cpu_us")),
                 "derived",
-                nginx=fmt(1e6 / med(ng("b"), "cpu_us")) if ng("b") else "",
+                ref=fmt(1e6 / med(ng("b"), "cpu_us")) if ng("b") else "",
             ),
             Row(
                 "(b) errors (non-2xx, socket)",
                 fmt(sum(r["errors"] for r in d)),
                 fmt(sum(r["errors"] for r in p)),
                 "",
-                nginx=fmt(sum(r["errors"] for r in ng("b"))) if ng("b") else "",
+                ref=fmt(sum(r["errors"] for r in ng("b"))) if ng("b") else "",
             ),
         ]
     if "c" in R:
@@ -992,14 +1020,14 @@ def build_table(
                 fmt(med(d, "streams_s")),
                 fmt(med(p, "streams_s")),
                 f"{paired(d, p, 'streams_s', _ratio):.2f}x",
-                nginx=ng_fig("d", "streams_s"),
+                ref=ng_fig("d", "streams_s"),
             ),
             Row(
                 "(d) stream c=64: chunks/s",
                 fmt(med(d, "chunks_s")),
                 fmt(med(p, "chunks_s")),
                 f"{paired(d, p, 'chunks_s', _ratio):.2f}x",
-                nginx=ng_fig("d", "chunks_s"),
+                ref=ng_fig("d", "chunks_s"),
             ),
             Row(
                 "(d) CPU per streamed chunk (µs; direct = upstream's)",
@@ -1019,7 +1047,7 @@ def build_table(
                 f"{sum(r['intact'] for r in d):,}/{sum(r['streams'] for r in d):,}",
                 f"{intact_p:,}/{total_p:,}",
                 "",
-                nginx=f"{intact_n:,}/{total_n:,}" if ng("d") else "",
+                ref=f"{intact_n:,}/{total_n:,}" if ng("d") else "",
             ),
         ]
     if "e" in R:
@@ -1035,7 +1063,7 @@ def build_table(
                 "",
                 "1,000/1,000",
                 verdict(intact == SLOW_STREAMS, ""),
-                nginx=f"{min(r['intact'] for r in ng('e')):,}/1,000" if ng("e") else "",
+                ref=f"{min(r['intact'] for r in ng('e')):,}/1,000" if ng("e") else "",
             ),
             Row(
                 "(e) 1,000 slow streams: wall time (s)",
@@ -1076,7 +1104,7 @@ def build_table(
                 "",
                 "<= 60 MB",
                 verdict(rss <= 60, f"{rss - 60:+.1f} MB vs target"),
-                fmt(idle["nginx_mb"], 1) if "nginx_mb" in idle else "",
+                fmt(idle[f"{ref}_mb"], 1) if f"{ref}_mb" in idle else "",
             )
         )
     if "b2" in R and "b" in R:
@@ -1136,19 +1164,35 @@ def build_table(
     return rows
 
 
-def render(rows: list[Row]) -> str:
-    """The Markdown table; the nginx columns only when the run measured it."""
+REFERENCE_LABELS = {"nginx": "nginx", "floor": "Python floor"}
+
+
+def render(rows: list[Row], refs: dict[str, list[Row]]) -> str:
+    """The Markdown table: `rows`, then two columns for each reference in `refs` (its rows
+    from `build_table(..., ref=name)`) that the run measured."""
+    shown = {n: r for n, r in refs.items() if any(x.ref or x.vs_ref for x in r)}
     head = ["figure", "direct", "inferbridge", "vs direct", "target", "verdict"]
-    reference = any(r.nginx or r.vs_nginx for r in rows)
-    if reference:
-        head += ["nginx (same seat)", "inferbridge vs nginx"]
+    for name in shown:
+        label = REFERENCE_LABELS.get(name, name)
+        head += [f"{label} (same seat)", f"inferbridge vs {label}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
+    for i, r in enumerate(rows):
         cells = [r.figure, r.direct, r.proxy, r.vs_direct, r.target, r.verdict]
-        if reference:
-            cells += [r.nginx, r.vs_nginx]
+        for ref_rows in shown.values():
+            cells += [ref_rows[i].ref, ref_rows[i].vs_ref]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table_json(rows: list[Row], refs: dict[str, list[Row]]) -> list[dict[str, str]]:
+    """The table's rows as dicts: the reference cells under `<name>` and `vs_<name>`."""
+    out = []
+    for i, r in enumerate(rows):
+        row = {k: v for k, v in asdict(r).items() if k not in ("ref", "vs_ref")}
+        for name, ref_rows in refs.items():
+            row[name], row[f"vs_{name}"] = ref_rows[i].ref, ref_rows[i].vs_ref
+        out.append(row)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -1239,21 +1283,28 @@ async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> 
         flush=True,
     )
     targets = [direct, proxy]
-    nginx: subprocess.Popen[bytes] | None = None
-    if reference_wanted(args.reference):
-        nginx, ng_fast, ng_slow, ng_log = start_nginx(children, tmp, fast_port, slow_port)
-        await wait_ready(f"http://{HOST}:{ng_fast}/health", nginx, ng_log)
-        idle["nginx_mb"] = rss_mb([nginx.pid])
+    references = references_wanted(args.reference)
+    for name in references:
+        if name == "nginx":
+            ref, ref_fast, ref_slow, ref_log = start_nginx(children, tmp, fast_port, slow_port)
+            what = nginx_version()
+        else:
+            ref, ref_fast, ref_slow, ref_log = start_floor(
+                children, tmp, fast_port, slow_port, bench.src, args.python
+            )
+            what = "the Python floor (bench/floor_proxy.py)"
+        await wait_ready(f"http://{HOST}:{ref_fast}/health", ref, ref_log)
+        idle[f"{name}_mb"] = rss_mb([ref.pid])
         targets.insert(
-            1,
+            -1,
             Target(
-                "nginx",
-                f"http://{HOST}:{ng_fast}/v1/chat/completions",
-                f"http://{HOST}:{ng_slow}/v1/chat/completions",
-                nginx,
+                name,
+                f"http://{HOST}:{ref_fast}/v1/chat/completions",
+                f"http://{HOST}:{ref_slow}/v1/chat/completions",
+                ref,
             ),
         )
-        print(f"reference: {nginx_version()} in the proxy's seat", flush=True)
+        print(f"reference: {what} in the proxy's seat", flush=True)
     await check_answers(targets)
     await warm_up(bench, targets)
 
@@ -1267,8 +1318,8 @@ async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> 
     only = set(args.only) if args.only else None
     steps = [s for s in steps if only is None or s[0] in only]
     await alternate(args.rounds, steps, targets)
-    if nginx is not None:
-        children.stop(nginx)
+    for t in targets[1:-1]:
+        children.stop(t.proc)
 
     if args.profile:
         await profile(bench, proxy, Path(args.profile))
@@ -1298,8 +1349,9 @@ async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> 
         )
         children.stop(proxy2)
 
-    rows = build_table(bench.results, idle, args.chunks)
-    table = render(rows)
+    refs = {name: build_table(bench.results, idle, args.chunks, name) for name in references}
+    rows = build_table(bench.results, idle, args.chunks, "")
+    table = render(rows, refs)
     speed = (bench.speed, speed_check())
     load = (bench.loadavg, loadavg())
     print()
@@ -1327,7 +1379,7 @@ async def benchmark(args: argparse.Namespace, children: Children, tmp: Path) -> 
                 "loadavg": load,
                 "idle": idle,
                 "results": bench.results,
-                "table": [asdict(r) for r in rows],
+                "table": table_json(rows, refs),
             },
         )
         print(f"raw results: {args.json}")
@@ -1646,10 +1698,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--reference",
-        choices=["auto", "nginx", "none"],
-        default="auto",
-        help="also measure nginx as a plain reverse proxy in the proxy's seat (auto: when "
-        "installed)",
+        action="append",
+        choices=["nginx", "floor", "none"],
+        help="also measure this in the proxy's seat, in the same rounds (repeatable): nginx "
+        "as a plain reverse proxy, the Python floor (bench/floor_proxy.py), or none; "
+        "default: both (nginx when installed)",
     )
     parser.add_argument(
         "--python",
