@@ -868,23 +868,23 @@ def build_table(
     results: dict[str, dict[str, list[dict[str, Any]]]],
     idle: dict[str, float],
     chunks: int = FAST_CHUNKS,
-    ref: str = "nginx",
+    ref: str = "",
 ) -> list[Row]:
     """The rows, with the `ref` reference's cells (empty when it was not measured)."""
     rows: list[Row] = []
     R = results
 
-    def ng(phase: str) -> list[dict[str, Any]]:
+    def ref_of(phase: str) -> list[dict[str, Any]]:
         """The reference's rounds of `phase` (empty when it was not measured)."""
         return R.get(phase, {}).get(ref, [])
 
-    def ng_fig(phase: str, key: str, digits: int = 0, scale: float = 1.0) -> str:
-        n = ng(phase)
+    def ref_fig(phase: str, key: str, digits: int = 0, scale: float = 1.0) -> str:
+        n = ref_of(phase)
         return fmt(med(n, key) * scale, digits) if n else ""
 
-    def ng_added(phase: str, key: str) -> tuple[str, str]:
+    def ref_added(phase: str, key: str) -> tuple[str, str]:
         """(ref's figure with what it adds to direct, inferbridge's addition vs ref's)."""
-        n = ng(phase)
+        n = ref_of(phase)
         if not n:
             return "", ""
         d, p = R[phase]["direct"], R[phase]["inferbridge"]
@@ -895,9 +895,9 @@ def build_table(
             f"{by_us - by_ref:+,.0f} µs ({_ratio(by_us, by_ref):.2f}x {ref}'s added)",
         )
 
-    def ng_ratio(phase: str, key: str, digits: int = 0) -> tuple[str, str]:
+    def ref_ratio(phase: str, key: str, digits: int = 0) -> tuple[str, str]:
         """(ref's figure, inferbridge's as a multiple of ref's)."""
-        n = ng(phase)
+        n = ref_of(phase)
         if not n:
             return "", ""
         return fmt(med(n, key), digits), f"{paired(n, R[phase]['inferbridge'], key, _ratio):.2f}x"
@@ -913,14 +913,14 @@ def build_table(
                 f"+{fmt(added)} µs added",
                 "added p50 <= 300 µs",
                 verdict(added <= 300, f"{added - 300:+,.0f} µs vs target"),
-                *ng_added("a", "p50_us"),
+                *ref_added("a", "p50_us"),
             ),
             Row(
                 "(a) non-stream c=1: p99 latency (µs)",
                 fmt(med(d, "p99_us")),
                 fmt(med(p, "p99_us")),
                 f"+{fmt(paired(d, p, 'p99_us', _diff))} µs",
-                ref=ng_fig("a", "p99_us"),
+                ref=ref_fig("a", "p99_us"),
             ),
             Row(
                 "(a) CPU per request (µs; direct = upstream's)",
@@ -928,7 +928,7 @@ def build_table(
                 fmt(med(p, "cpu_us"), 1),
                 "",
                 *("", ""),
-                *ng_ratio("a", "cpu_us", 1),
+                *ref_ratio("a", "cpu_us", 1),
             ),
         ]
     if "b" in R:
@@ -942,15 +942,15 @@ def build_table(
                 f"{paired(d, p, 'rps', _ratio):.2f}x",
                 ">= 5,000 req/s",
                 verdict(rps >= 5000, f"{rps / 5000 - 1:+.0%} vs target"),
-                *ng_ratio("b", "rps"),
+                *ref_ratio("b", "rps"),
             ),
             Row(
                 "(b) non-stream c=64: p50 / p99 latency (ms)",
                 f"{fmt(med(d, 'p50_us') / 1000, 2)} / {fmt(med(d, 'p99_us') / 1000, 2)}",
                 f"{fmt(med(p, 'p50_us') / 1000, 2)} / {fmt(med(p, 'p99_us') / 1000, 2)}",
                 f"{paired(d, p, 'p50_us', _ratio):.2f}x p50",
-                ref=f"{ng_fig('b', 'p50_us', 2, 1e-3)} / {ng_fig('b', 'p99_us', 2, 1e-3)}"
-                if ng("b")
+                ref=f"{ref_fig('b', 'p50_us', 2, 1e-3)} / {ref_fig('b', 'p99_us', 2, 1e-3)}"
+                if ref_of("b")
                 else "",
             ),
             Row(
@@ -960,21 +960,21 @@ def build_table(
                 f"proxy core {med(p, 'proxy_busy'):.0%} busy, "
                 f"load core {med(p, 'load_core_busy'):.0%}",
                 *("", ""),
-                *ng_ratio("b", "cpu_us", 1),
+                *ref_ratio("b", "cpu_us", 1),
             ),
             Row(
                 "(b) capacity of one proxy core (1e6 / CPU per request, req/s)",
                 fmt(1e6 / med(d, "cpu_us")),
                 fmt(1e6 / med(p, "cpu_us")),
                 "derived",
-                ref=fmt(1e6 / med(ng("b"), "cpu_us")) if ng("b") else "",
+                ref=fmt(1e6 / med(ref_of("b"), "cpu_us")) if ref_of("b") else "",
             ),
             Row(
                 "(b) errors (non-2xx, socket)",
                 fmt(sum(r["errors"] for r in d)),
                 fmt(sum(r["errors"] for r in p)),
                 "",
-                ref=fmt(sum(r["errors"] for r in ng("b"))) if ng("b") else "",
+                ref=fmt(sum(r["errors"] for r in ref_of("b"))) if ref_of("b") else "",
             ),
         ]
     if "c" in R:
@@ -987,7 +987,7 @@ def build_table(
                 fmt(med(p, "ttfc_p50_us")),
                 f"+{fmt(paired(d, p, 'ttfc_p50_us', _diff))} µs",
                 *("", ""),
-                *ng_added("c", "ttfc_p50_us"),
+                *ref_added("c", "ttfc_p50_us"),
             ),
             Row(
                 f"(c) stream {chunks} chunks c=1: total p50 (µs)",
@@ -996,7 +996,7 @@ def build_table(
                 f"+{fmt(added)} µs added",
                 "added total p50 <= 400 µs",
                 verdict(added <= 400, f"{added - 400:+,.0f} µs vs target"),
-                *ng_added("c", "total_p50_us"),
+                *ref_added("c", "total_p50_us"),
             ),
             Row(
                 "(c) CPU per chunk (µs; direct = upstream's)",
@@ -1004,7 +1004,7 @@ def build_table(
                 fmt(med(p, "cpu_us"), 2),
                 "",
                 *("", ""),
-                *ng_ratio("c", "cpu_us", 2),
+                *ref_ratio("c", "cpu_us", 2),
             ),
         ]
     if "d" in R:
@@ -1012,22 +1012,22 @@ def build_table(
         cpu = med(p, "cpu_us")
         intact_p = sum(r["intact"] for r in p)
         total_p = sum(r["streams"] for r in p)
-        intact_n = sum(r["intact"] for r in ng("d"))
-        total_n = sum(r["streams"] for r in ng("d"))
+        intact_n = sum(r["intact"] for r in ref_of("d"))
+        total_n = sum(r["streams"] for r in ref_of("d"))
         rows += [
             Row(
                 "(d) stream c=64: streams/s",
                 fmt(med(d, "streams_s")),
                 fmt(med(p, "streams_s")),
                 f"{paired(d, p, 'streams_s', _ratio):.2f}x",
-                ref=ng_fig("d", "streams_s"),
+                ref=ref_fig("d", "streams_s"),
             ),
             Row(
                 "(d) stream c=64: chunks/s",
                 fmt(med(d, "chunks_s")),
                 fmt(med(p, "chunks_s")),
                 f"{paired(d, p, 'chunks_s', _ratio):.2f}x",
-                ref=ng_fig("d", "chunks_s"),
+                ref=ref_fig("d", "chunks_s"),
             ),
             Row(
                 "(d) CPU per streamed chunk (µs; direct = upstream's)",
@@ -1040,14 +1040,14 @@ def build_table(
                     cpu <= 10 and intact_p == total_p,
                     f"{cpu / 10:.1f}x the target" if cpu > 10 else "",
                 ),
-                *ng_ratio("d", "cpu_us", 2),
+                *ref_ratio("d", "cpu_us", 2),
             ),
             Row(
                 "(d) streams intact (all rounds)",
                 f"{sum(r['intact'] for r in d):,}/{sum(r['streams'] for r in d):,}",
                 f"{intact_p:,}/{total_p:,}",
                 "",
-                ref=f"{intact_n:,}/{total_n:,}" if ng("d") else "",
+                ref=f"{intact_n:,}/{total_n:,}" if ref_of("d") else "",
             ),
         ]
     if "e" in R:
@@ -1063,7 +1063,7 @@ def build_table(
                 "",
                 "1,000/1,000",
                 verdict(intact == SLOW_STREAMS, ""),
-                ref=f"{min(r['intact'] for r in ng('e')):,}/1,000" if ng("e") else "",
+                ref=f"{min(r['intact'] for r in ref_of('e')):,}/1,000" if ref_of("e") else "",
             ),
             Row(
                 "(e) 1,000 slow streams: wall time (s)",
@@ -1072,8 +1072,9 @@ def build_table(
                 f"{ratio:.3f}x",
                 "<= 1.0x direct",
                 verdict(ratio <= 1.0, f"{ratio - 1:+.1%}" if ratio > 1.0 else ""),
-                f"{ng_fig('e', 'wall_s', 3)} ({paired(d, ng('e'), 'wall_s', _ratio):.3f}x direct)"
-                if ng("e")
+                f"{ref_fig('e', 'wall_s', 3)} "
+                f"({paired(d, ref_of('e'), 'wall_s', _ratio):.3f}x direct)"
+                if ref_of("e")
                 else "",
             ),
             Row(
@@ -1083,7 +1084,7 @@ def build_table(
                 "",
                 "<= 100 MB",
                 verdict(peak <= 100, f"{peak - 100:+.0f} MB vs target"),
-                fmt(max(r["peak_rss_mb"] for r in ng("e")), 1) if ng("e") else "",
+                fmt(max(r["peak_rss_mb"] for r in ref_of("e")), 1) if ref_of("e") else "",
             ),
             Row(
                 "(e) CPU per chunk, 50 ms apart, incl. 1,000 connects (µs)",
@@ -1091,7 +1092,7 @@ def build_table(
                 fmt(med(p, "cpu_us"), 2),
                 "",
                 *("", ""),
-                *ng_ratio("e", "cpu_us", 2),
+                *ref_ratio("e", "cpu_us", 2),
             ),
         ]
     if idle:
