@@ -675,17 +675,23 @@ def requests_total(server: InferbridgeServer, model: str) -> float:
 # -- 9. the connection's worker and keep-alive ----------------------------------------------
 
 
+def first_hot_request(server: InferbridgeServer, conn: Conn) -> tuple[Any, Any]:
+    """Make one hot request on `conn`; the server's state and the connection's protocol."""
+    assert server._server is not None
+    state = server._server.server_state
+    conn.send(request(chat("one")))
+    assert answer(conn.read_response()) == "one"
+    (protocol,) = state.connections
+    return state, protocol
+
+
 def test_one_worker_per_connection_counted_only_while_serving():
     """Hot requests on one connection run in one worker task; between requests it is not in
     uvicorn's `tasks` (what graceful shutdown and limit_concurrency count), and it ends
     with its connection."""
     with InferbridgeServer(CONFIG) as server:
-        assert server._server is not None
-        state = server._server.server_state
         with Conn(server) as conn:
-            conn.send(request(chat("one")))
-            assert answer(conn.read_response()) == "one"
-            (protocol,) = state.connections
+            state, protocol = first_hot_request(server, conn)
             worker = protocol.worker
             assert worker is not None and not worker.done()
             for text in ("two", "three"):
@@ -700,20 +706,15 @@ def test_one_worker_per_connection_counted_only_while_serving():
 def test_connection_addresses_looked_up_only_for_asgi_requests():
     """An ASGI request's scope has the client's and the server's addresses; a connection
     that only makes hot requests never looks them up (system calls, per connection)."""
-    with InferbridgeServer(CONFIG) as server:
-        assert server._server is not None
-        state = server._server.server_state
-        with Conn(server) as conn:
-            conn.send(request(chat("one")))
-            assert answer(conn.read_response()) == "one"
-            (protocol,) = state.connections
-            assert protocol.client is None and protocol.server is None
-            conn.send(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
-            assert conn.read_response().json() == {"status": "ok"}
-            assert protocol.scope["client"] == conn.sock.getsockname()[:2]
-            assert protocol.scope["server"] == conn.sock.getpeername()[:2]
-            conn.send(request(chat("two")))  # hot again, on the same connection
-            assert answer(conn.read_response()) == "two"
+    with InferbridgeServer(CONFIG) as server, Conn(server) as conn:
+        _, protocol = first_hot_request(server, conn)
+        assert protocol.client is None and protocol.server is None
+        conn.send(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert conn.read_response().json() == {"status": "ok"}
+        assert protocol.scope["client"] == conn.sock.getsockname()[:2]
+        assert protocol.scope["server"] == conn.sock.getpeername()[:2]
+        conn.send(request(chat("two")))  # hot again, on the same connection
+        assert answer(conn.read_response()) == "two"
 
 
 def test_servers_in_one_process_each_serve_their_own_app():
