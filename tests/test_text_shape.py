@@ -189,10 +189,11 @@ def test_plain_text() -> None:
         assert plain_text(raw) is None
 
 
-@pytest.mark.parametrize("per_read", [1, 11, 100])
-def test_a_first_chunk_of_another_shape_is_outgrown(per_read: int) -> None:
-    """vLLM-like: the first chunk also carries the role. The shape learned from it does not
-    fit the next ones, which teach the right one: every later text chunk is spliced."""
+@pytest.mark.parametrize(("per_read", "spliced"), [(1, 38), (11, 28), (100, 38)])
+def test_a_first_chunk_of_another_shape_is_outgrown(per_read: int, spliced: int) -> None:
+    """vLLM-like: the first chunk also carries the role. A shape learned from it (in a long
+    first read) does not fit the next ones, which teach the right one: every later text
+    chunk is spliced. A short first read (1 or 11 chunks here) is only parsed."""
     events = [text_chunk(True, b"t0", role=True)]
     events += [text_chunk(True, b"t%d" % i) for i in range(1, 40)]
     events += [finish_chunk(True), b"data: [DONE]\n\n"]
@@ -202,5 +203,22 @@ def test_a_first_chunk_of_another_shape_is_outgrown(per_read: int) -> None:
         got += parser.feed(b"".join(events[i : i + per_read]))
     texts = [e for e in got if isinstance(e, TextDelta)]
     assert [e.text for e in texts] == [f"t{i}" for i in range(40)]
-    assert sum(e.json is not None for e in texts) == 38  # all but the first two
+    assert sum(e.json is not None for e in texts) == spliced
     assert parser.done
+
+
+def test_a_short_first_read_is_parsed_without_learning() -> None:
+    """The first read is on the way to the first token: parsed only. Learning starts with
+    the next read, or in the first one when it is long (a burst of many chunks)."""
+    chunks = [text_chunk(True, b"t%d" % i) for i in range(40)]
+    parser = ChunkParser(BACKEND, chat=True)
+    first = parser.feed(b"".join(chunks[:3]))
+    assert [e.json for e in first] == [None, None, None]  # type: ignore[union-attr]
+    assert parser.shape is None
+    later = parser.feed(b"".join(chunks[3:6]))
+    assert [e.json for e in later] == [None, b'"t4"', b'"t5"']  # type: ignore[union-attr]
+
+    burst = ChunkParser(BACKEND, chat=True)
+    got = burst.feed(b"".join(chunks))
+    assert len(b"".join(chunks)) >= 2048
+    assert sum(e.json is not None for e in got) == 39  # type: ignore[union-attr]

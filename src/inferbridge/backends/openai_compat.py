@@ -126,6 +126,7 @@ def response_events(data: dict[str, Any], chat: bool) -> list[Event]:
 
 
 _LEARNING_TRIES = 16  # events a stream may spend on learning its TextShape
+_LEARN_IN_FIRST_READ = 2048  # bytes (~8 chunks): a shorter first read is only parsed
 _TEXT_KEY = {True: b'"content":', False: b'"text":'}
 
 
@@ -135,9 +136,13 @@ class ChunkParser(ItemParser):
 
     Once a chunk carried nothing but text for choice 0, the chunks that repeat its bytes
     around a new text are read by their `TextShape`, without parsing their JSON. Learning
-    (and re-learning, when chunks stop fitting) is bounded per stream."""
+    (and re-learning, when chunks stop fitting) is bounded per stream, and starts after a
+    short first read: that one is on the way to the first token, where learning costs more
+    than it saves (its code is cold then: measured ~28 µs more for a first read of three
+    chunks after a 200 µs idle, bench/RESULTS.md), and its first chunk, which often carries
+    the role too, would teach a shape the next ones do not fit."""
 
-    __slots__ = ("backend", "chat", "learning", "saw_finish", "shape")
+    __slots__ = ("backend", "chat", "first_read", "learning", "saw_finish", "shape")
 
     decoder: SSEDecoder
 
@@ -148,11 +153,19 @@ class ChunkParser(ItemParser):
         self.saw_finish = False
         self.shape: TextShape | None = None
         self.learning = _LEARNING_TRIES
+        self.first_read = True
 
     def complete_without_marker(self) -> bool:
         return self.saw_finish
 
     def feed(self, data: bytes) -> list[Event]:
+        if self.first_read:
+            self.first_read = False
+            if len(data) < _LEARN_IN_FIRST_READ:
+                learning, self.learning = self.learning, 0  # parsed only: `take` learns not
+                batch = super().feed(data)
+                self.learning = learning
+                return batch
         if self.shape is None and not self.learning:
             return super().feed(data)
         batch: list[Event] = []
