@@ -249,6 +249,7 @@ class CompletionsEndpoint:
     ) -> None:
         timer = ex.timer
         reply = ex.reply
+        opening = Opening(ex.request, choices, self.observe.log_prompts)
         iterator = stream.__aiter__()
         try:
             first: Sequence[Event] = await iterator.__anext__()
@@ -259,11 +260,9 @@ class CompletionsEndpoint:
             return
         timer.first = _now()
 
-        encoder = StreamEncoder(ex.request, choices, keep_text=self.observe.log_prompts)
+        encoder, head = opening.made()
         timer.status = 200
-        await reply.start(
-            [*SSE_HEADERS, *ex.route_headers()], encoder.opening() + encoder.encode(first)
-        )
+        await reply.start([*SSE_HEADERS, *ex.route_headers()], head + encoder.encode(first))
         delivery = ex.request.delivery
         if delivery is not None:  # later batches may come by callback, straight to the client
             delivery.sink = PushedChunks(encoder, reply)
@@ -279,6 +278,33 @@ class CompletionsEndpoint:
         ex.completion = encoder.tracker.text
         reply.done = True
         await reply.end(tail)
+
+
+class Opening:
+    """A stream's encoder and its opening chunk, made while the upstream works: by a
+    callback that runs once the request's task waits for the upstream's answer. So neither
+    the way to the upstream nor the way from its first bytes to the first chunk pays for
+    them; the second runs cold after the wait (measured ~20 µs for this after a 200 µs idle,
+    against ~5 µs hot: bench/RESULTS.md). Made on the spot if asked for before that."""
+
+    __slots__ = ("args", "encoder", "head")
+
+    def __init__(self, request: InferenceRequest, choices: int, keep_text: bool) -> None:
+        self.args = (request, choices, keep_text)
+        self.encoder: StreamEncoder | None = None
+        self.head = b""
+        asyncio.get_running_loop().call_soon(self.make)
+
+    def make(self) -> None:
+        if self.encoder is None:
+            request, choices, keep_text = self.args
+            self.encoder = StreamEncoder(request, choices, keep_text=keep_text)
+            self.head = self.encoder.opening()
+
+    def made(self) -> tuple[StreamEncoder, bytes]:
+        self.make()
+        assert self.encoder is not None
+        return self.encoder, self.head
 
 
 class Exchange:

@@ -23,6 +23,9 @@ from inferbridge.request import InferenceRequest
 from inferbridge.usage import estimate_prompt_tokens, estimate_tokens
 
 DONE = b"data: [DONE]\n\n"
+_ROLE_CHOICE = (  # the opening chunk's choices when there is one
+    b'[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]'
+)
 
 
 def new_id(kind: str) -> str:
@@ -120,6 +123,8 @@ class StreamEncoder:
         """The first chunk(s): the assistant role for every chat choice."""
         if not self.chat:
             return b""
+        if self.tracker.choices == 1:
+            return self._head + _ROLE_CHOICE + self._tail
         return self._chunk(
             [
                 self._choice(i, {"role": "assistant", "content": ""})
