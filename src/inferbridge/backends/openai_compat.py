@@ -162,7 +162,7 @@ class ChunkParser(ItemParser):
         if self.first_read:
             self.first_read = False
             if len(data) < _LEARN_IN_FIRST_READ:
-                learning, self.learning = self.learning, 0  # parsed only: `take` learns not
+                learning, self.learning = self.learning, 0  # parsed only: `take` learns nothing
                 batch = super().feed(data)
                 self.learning = learning
                 return batch
