@@ -1,5 +1,5 @@
 """Writes batched to the end of the loop turn (`inferbridge.write_batch`): when they wait,
-that they keep their order, that closes send what is pending first; and, on real sockets,
+that they keep their order, that a close waits behind what is pending; and, on real sockets,
 that concurrent requests through `inferbridge serve`'s protocol are batched and intact."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ async def test_writes_wait_for_the_end_of_the_turn_in_order() -> None:
     assert not batch.pending
 
 
-async def test_close_sends_what_is_pending_first() -> None:
+async def test_a_close_waits_behind_what_is_pending() -> None:
     batch = WriteBatch(asyncio.get_running_loop())
     wire = Wire()
     a = BatchedTransport(FakeTransport("a", wire), batch)  # type: ignore[arg-type]
@@ -86,12 +86,36 @@ async def test_close_sends_what_is_pending_first() -> None:
     a.write(b"response")
     b.write(b"other")
     a.close()
-    assert wire.log == [("a", b"response"), ("b", b"other"), ("a", "close")]
+    assert wire.log == []  # the batch is not split by the close
+    assert a.is_closing() and not b.is_closing()
+    a.write(b"late")  # after its close: dropped
+    a.close()  # once is enough
+    b.write(b"more")
+    await asyncio.sleep(0)
+    assert wire.log == [("a", b"response"), ("b", b"other"), ("a", "close"), ("b", b"more")]
+
+
+async def test_a_close_with_nothing_pending_is_at_once() -> None:
+    batch = WriteBatch(asyncio.get_running_loop())
+    wire = Wire()
+    a = BatchedTransport(FakeTransport("a", wire), batch)  # type: ignore[arg-type]
+    batch.busy = 2
+    a.close()
+    assert wire.log == [("a", "close")]
+
+
+async def test_abort_sends_what_is_pending_first() -> None:
+    batch = WriteBatch(asyncio.get_running_loop())
+    wire = Wire()
+    a = BatchedTransport(FakeTransport("a", wire), batch)  # type: ignore[arg-type]
+    b = BatchedTransport(FakeTransport("b", wire), batch)  # type: ignore[arg-type]
+    batch.busy = 2
+    a.write(b"response")
     b.write(b"more")
     b.abort()
-    assert wire.log[-2:] == [("b", b"more"), ("b", "abort")]
+    assert wire.log == [("a", b"response"), ("b", b"more"), ("b", "abort")]
     await asyncio.sleep(0)  # the flush already scheduled finds nothing left
-    assert len(wire.log) == 5
+    assert len(wire.log) == 3
 
 
 async def test_closed_or_broken_transports_are_skipped() -> None:
