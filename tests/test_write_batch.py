@@ -212,7 +212,8 @@ async def test_concurrent_requests_are_batched_and_intact(server, flushes) -> No
 
 def test_pipelined_and_closing_answers_keep_their_order_while_batched(server, flushes) -> None:
     """With slow streams in flight on other connections (so writes are batched), pipelined
-    answers still come in order, and an HTTP/1.0 answer arrives whole before the close."""
+    answers still come in order, and an HTTP/1.0 or `Connection: close` answer (whole or
+    streamed) arrives whole before the close."""
     from tests.test_transports import Conn, answer, chat, request, streamed_text
 
     stop = threading.Event()
@@ -243,6 +244,18 @@ def test_pipelined_and_closing_answers_keep_their_order_while_batched(server, fl
                 closing = conn.read_response()
                 assert conn.closed_by_server()
             assert answer(closing) == f"closing {round_}"
+            close = (("connection", "close"),)
+            with Conn(server) as conn:  # its close waits in the batch behind the answer
+                conn.send(request(chat(f"close {round_}"), headers=close))
+                whole = conn.read_response()
+                assert conn.closed_by_server()
+            assert answer(whole) == f"close {round_}"
+            assert whole.header("connection") == "close"
+            with Conn(server) as conn:
+                conn.send(request(chat(f"close {round_}", stream=True), headers=close))
+                streamed = conn.read_response()
+                assert conn.closed_by_server()
+            assert streamed_text(streamed) == f"close {round_}"
     finally:
         stop.set()
         for thread in busy:
