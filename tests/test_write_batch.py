@@ -77,12 +77,18 @@ async def test_writes_wait_for_the_end_of_the_turn_in_order() -> None:
     assert not batch.pending
 
 
-async def test_a_close_waits_behind_what_is_pending() -> None:
+def batched(*names: str) -> tuple[Wire, list[BatchedTransport]]:
+    """Batched transports on one fresh batch with several requests in flight (so writes
+    wait for the end of the turn), and the wire they all write to."""
     batch = WriteBatch(asyncio.get_running_loop())
-    wire = Wire()
-    a = BatchedTransport(FakeTransport("a", wire), batch)  # type: ignore[arg-type]
-    b = BatchedTransport(FakeTransport("b", wire), batch)  # type: ignore[arg-type]
     batch.busy = 2
+    wire = Wire()
+    transports = [BatchedTransport(FakeTransport(n, wire), batch) for n in names]  # type: ignore[arg-type]
+    return wire, transports
+
+
+async def test_a_close_waits_behind_what_is_pending() -> None:
+    wire, (a, b) = batched("a", "b")
     a.write(b"response")
     b.write(b"other")
     a.close()
@@ -96,20 +102,13 @@ async def test_a_close_waits_behind_what_is_pending() -> None:
 
 
 async def test_a_close_with_nothing_pending_is_at_once() -> None:
-    batch = WriteBatch(asyncio.get_running_loop())
-    wire = Wire()
-    a = BatchedTransport(FakeTransport("a", wire), batch)  # type: ignore[arg-type]
-    batch.busy = 2
+    wire, (a,) = batched("a")
     a.close()
     assert wire.log == [("a", "close")]
 
 
 async def test_abort_sends_what_is_pending_first() -> None:
-    batch = WriteBatch(asyncio.get_running_loop())
-    wire = Wire()
-    a = BatchedTransport(FakeTransport("a", wire), batch)  # type: ignore[arg-type]
-    b = BatchedTransport(FakeTransport("b", wire), batch)  # type: ignore[arg-type]
-    batch.busy = 2
+    wire, (a, b) = batched("a", "b")
     a.write(b"response")
     b.write(b"more")
     b.abort()
