@@ -68,39 +68,43 @@ def test_access_log_includes_prompts_when_enabled(serve, capfd):
     assert "".join(line["completion"]) == "secret words here"
 
 
-def test_pending_metrics_flush_equals_direct_prometheus_calls():
-    """Counting in plain dicts then flushing gives the exposition that calling
-    prometheus_client directly gives: same counters, bucket counts, sums and gauge."""
-    from prometheus_client import CollectorRegistry, generate_latest
+def test_collector_exposition_equals_prometheus_client_metrics():
+    """Counting in plain dicts and exporting through the collector gives the exposition that
+    prometheus_client's own Counter/Histogram/Gauge give: names, labels, cumulative bucket
+    counts, sums (without the `_created` samples, which the collector leaves out)."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
     from inferbridge.observability import Metrics
 
-    values = [0.00005, 0.0001, 0.0003, 0.002, 0.07, 0.5, 3.0, 400.0]
-    pending_side = Metrics(CollectorRegistry())
-    direct = Metrics(CollectorRegistry())
-    p = pending_side.pending
-    for v in values:
-        p.observe(pending_side.latency, ("m",), v)
-        p.observe(pending_side.overhead, ("m",), v)
-        direct.latency.labels("m").observe(v)
-        direct.overhead.labels("m").observe(v)
-    p.inc(pending_side.requests, ("m", "d", "echo", "200"))
-    p.inc(pending_side.requests, ("m", "d", "echo", "200"))
-    p.inc(pending_side.tokens, ("m", "prompt"), 7)
-    direct.requests.labels("m", "d", "echo", "200").inc(2)
-    direct.tokens.labels("m", "prompt").inc(7)
-    p.in_flight["m"] = 3
-    direct.in_flight.labels("m").set(3)
-    p.flush()
-    p.observe(pending_side.latency, ("m",), 0.01)  # after a flush: added to what is there
-    direct.latency.labels("m").observe(0.01)
-    p.flush()
+    ours = Metrics()
+    direct = CollectorRegistry()
 
-    def lines(m: Metrics) -> list[str]:
-        text = generate_latest(m.registry).decode()
+    def real(family):
+        kind = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}[family.kind]
+        extra = {"buckets": family.bounds} if family.kind == "histogram" else {}
+        return kind(family.name, family.help, family.labels, registry=direct, **extra)
+
+    reals = {family: real(family) for family in ours.families}
+    values = [0.00005, 0.0001, 0.0003, 0.002, 0.005, 0.07, 0.5, 3.0, 400.0]
+    for v in values:
+        for family in (ours.latency, ours.overhead):
+            ours.observe(family, ("m",), v)
+            reals[family].labels("m").observe(v)
+    ours.observe(ours.ttft, ("n",), 0.01)
+    reals[ours.ttft].labels("n").observe(0.01)
+    for _ in range(2):
+        ours.inc(ours.requests, ("m", "d", "echo", "200"))
+        reals[ours.requests].labels("m", "d", "echo", "200").inc()
+    ours.inc(ours.tokens, ("m", "prompt"), 7)
+    reals[ours.tokens].labels("m", "prompt").inc(7)
+    ours.in_flight["m"] = 3
+    reals[ours.requests_in_flight].labels("m").set(3)
+
+    def lines(registry) -> list[str]:
+        text = generate_latest(registry).decode()
         return [line for line in text.splitlines() if "_created" not in line]
 
-    assert lines(pending_side) == lines(direct)
+    assert lines(ours.registry) == lines(direct)
     assert any('le="0.0005"' in x for x in lines(direct))
 
 
@@ -153,8 +157,8 @@ async def test_finished_requests_are_drained_in_batches():
     obs.start()
     try:
         obs.record(*_finished_request(obs), {"prompt_tokens": 3, "completion_tokens": 4})
-        assert obs.metrics.pending.in_flight["m"] == 0
-        assert not obs.metrics.pending.counts  # counted at the drain, not yet
+        assert obs.metrics.in_flight["m"] == 0
+        assert not obs.metrics.counts  # counted at the drain, not yet
         await asyncio.sleep(observability.DRAIN_DELAY + 0.1)
         assert not obs._finished
         lines = [json.loads(x) for x in sink.data.splitlines()]
@@ -166,7 +170,6 @@ async def test_finished_requests_are_drained_in_batches():
         for _ in range(observability.DRAIN_MAX):
             obs.record(*_finished_request(obs), None)
         assert not obs._finished  # the DRAIN_MAX-th drained them all at once
-        obs.metrics.pending.flush()
         assert _requests_total(obs) == observability.DRAIN_MAX + 1
 
         obs.record(*_finished_request(obs), None)
@@ -183,5 +186,119 @@ def test_record_outside_a_serving_loop_drains_at_once():
     obs.access = AccessLogWriter(_Sink())
     obs.record(*_finished_request(obs), None)
     assert not obs._finished
-    obs.metrics.pending.flush()
     assert _requests_total(obs) == 1
+
+
+def _record(obs, overhead: float, latency: float, ttft: float | None = None) -> None:
+    """A finished request with the given overhead, duration and time to first batch."""
+    from inferbridge import observability
+
+    request, route, timer = _finished_request(obs)
+    timer.overhead = overhead
+    timer.start = observability._now() - latency
+    if ttft is not None:
+        timer.first = timer.start + ttft
+    obs.record(request, route, timer, {"prompt_tokens": 2, "completion_tokens": 5})
+
+
+def _families(obs) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(obs.exposition().decode())}
+
+
+def _histogram(family, **labels) -> tuple[list[tuple[float, float]], float, float]:
+    """(le, cumulative count) per bucket, _count and _sum of one label set."""
+    samples = [s for s in family.samples if all(s.labels.get(k) == v for k, v in labels.items())]
+    buckets = [(float(s.labels["le"]), s.value) for s in samples if s.name.endswith("_bucket")]
+    (count,) = [s.value for s in samples if s.name.endswith("_count")]
+    (total,) = [s.value for s in samples if s.name.endswith("_sum")]
+    return buckets, count, total
+
+
+def test_exposition_parses_and_histograms_are_cumulative():
+    from inferbridge.observability import OVERHEAD_BUCKETS, Observability
+
+    obs = Observability(access_log=False)
+    overheads = [0.00005, 0.0002, 0.0025, 0.003, 0.2]  # 0.0025: a bound is in its own bucket
+    for overhead in overheads:
+        _record(obs, overhead, latency=0.3, ttft=0.02)
+    obs.started("m")  # one still in flight
+    families = _families(obs)
+
+    requests = families["inferbridge_requests"]
+    assert requests.type == "counter"
+    assert [(s.name, s.labels, s.value) for s in requests.samples] == [
+        (
+            "inferbridge_requests_total",
+            {"model": "m", "deployment": "m#0", "backend": "echo", "status": "200"},
+            5.0,
+        )
+    ]
+    tokens = {s.labels["kind"]: s.value for s in families["inferbridge_tokens"].samples}
+    assert tokens == {"prompt": 10.0, "completion": 25.0}
+    (in_flight,) = families["inferbridge_requests_in_flight"].samples
+    assert (in_flight.labels, in_flight.value) == ({"model": "m"}, 1.0)
+
+    overhead = families["inferbridge_proxy_overhead_seconds"]
+    assert overhead.type == "histogram"
+    buckets, count, total = _histogram(overhead, model="m")
+    assert [le for le, _ in buckets] == [*OVERHEAD_BUCKETS, float("inf")]
+    expected = [sum(1 for o in overheads if o <= le) for le, _ in buckets]
+    assert [n for _, n in buckets] == expected == [1, 2, 2, 2, 3, 4, 4, 4, 4, 4, 5]
+    assert count == len(overheads) == buckets[-1][1]
+    assert total == pytest.approx(sum(overheads))
+
+    buckets, count, total = _histogram(families["inferbridge_request_duration_seconds"])
+    assert dict(buckets)[0.25] == 0 and dict(buckets)[0.5] == count == 5
+    assert total == pytest.approx(5 * 0.3, abs=0.05)
+    buckets, count, total = _histogram(families["inferbridge_time_to_first_token_seconds"])
+    assert dict(buckets)[0.01] == 0 and dict(buckets)[0.025] == count == 5
+    assert total == pytest.approx(5 * 0.02)
+
+
+async def test_several_processes_sum_through_the_shared_folder(tmp_path, monkeypatch):
+    """With PROMETHEUS_MULTIPROC_DIR, each process publishes its totals there (every
+    FLUSH_INTERVAL while serving, at stop, at each scrape it answers) and any process's
+    exposition sums them all."""
+    import asyncio
+
+    from inferbridge import observability
+    from inferbridge.observability import Observability
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(observability, "FLUSH_INTERVAL", 0.05)
+    first = Observability(access_log=False)
+    second = Observability(access_log=False)
+    assert first.multiprocess and second.multiprocess
+    first.start()
+    second.start()
+    try:
+        for overhead in (0.0002, 0.003):
+            _record(first, overhead, latency=0.3)
+        for overhead in (0.00005, 0.003, 0.2):
+            _record(second, overhead, latency=0.3)
+        second.started("m")  # in flight in the second process
+        await asyncio.sleep(observability.DRAIN_DELAY + 0.2)  # drained, then published
+        for obs in (first, second):
+            families = _families(obs)
+            (requests,) = families["inferbridge_requests"].samples
+            assert requests.value == 5
+            tokens = {s.labels["kind"]: s.value for s in families["inferbridge_tokens"].samples}
+            assert tokens == {"prompt": 10.0, "completion": 25.0}
+            (in_flight,) = families["inferbridge_requests_in_flight"].samples
+            assert in_flight.value == 1
+            buckets, count, total = _histogram(families["inferbridge_proxy_overhead_seconds"])
+            assert [n for _, n in buckets] == [1, 2, 2, 2, 2, 4, 4, 4, 4, 4, 5]
+            assert count == 5
+            assert total == pytest.approx(0.0002 + 0.003 + 0.00005 + 0.003 + 0.2)
+        assert len(list(tmp_path.glob("inferbridge_*.json"))) == 2
+    finally:
+        first.stop()
+        second.stop()
+
+    # A stopped process's counts stay in the sums.
+    third = Observability(access_log=False)
+    _record(third, 0.001, latency=0.3)
+    (requests,) = _families(third)["inferbridge_requests"].samples
+    assert requests.value == 6

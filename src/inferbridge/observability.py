@@ -5,11 +5,23 @@ first upstream batch, last upstream batch) and hands it to `Observability.record
 the end: nothing is recorded per chunk. `record` only counts the request out of the
 in-flight gauge and keeps it; every `DRAIN_DELAY` (or at `DRAIN_MAX` finished requests, or
 when metrics are read) `drain` turns the kept requests into metrics and access-log lines in
-one pass, which costs a third of doing it request by request between other work. Metrics
-are counted in plain dicts on the loop (`PendingMetrics`) and moved into prometheus_client
-when they are read. Access-log lines are written by a background thread (`AccessLogWriter`),
-so a slow log sink never blocks the event loop. Prompts and completions appear in access
-logs only with `server.log_prompts: true`.
+one pass. Access-log lines are written by a background thread (`AccessLogWriter`), so a slow
+log sink never blocks the event loop. Prompts and completions appear in access logs only
+with `server.log_prompts: true`.
+
+Metrics are counted on the event loop in plain dicts (`Metrics`: no locks, no label lookups)
+and exported by `Metrics.collect()`, a prometheus_client custom collector registered in the
+process's `CollectorRegistry`: counters, the in-flight gauge, and histograms whose bucket
+counts and sums are kept here. Only prometheus_client's public API is used (metric families
+and the text exposition); counters carry no `_created` samples.
+
+Several worker processes (`PROMETHEUS_MULTIPROC_DIR` set, as `inferbridge serve --workers N`
+does): each process writes its totals to its own file in that folder,
+`inferbridge_<pid>_<n>.json` (replaced atomically, only when they changed), every
+`FLUSH_INTERVAL` seconds, when it stops, and whenever it answers a scrape; a scrape sums the
+files of every process, so any worker's `/metrics` shows them all, up to `FLUSH_INTERVAL` late
+for the others. A stopped process's file stays, so its counts stay in the sums, as Prometheus
+counters should (and so does the in-flight count a crashed process last wrote).
 
 Proxy overhead = time spent in inferbridge before the upstream call was made plus the time
 from the upstream's answer (its first batch when streaming, its last otherwise) to the
@@ -21,23 +33,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
+import itertools
 import os
 import queue
 import sys
 import threading
 import time
 from bisect import bisect_left
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
-from prometheus_client import multiprocess as prom_multiprocess
+from prometheus_client.registry import Collector
 
 from inferbridge.request import InferenceRequest, RouteInfo
 
@@ -48,6 +63,8 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 FLUSH_INTERVAL = 1.0  # seconds, with several workers: how stale another worker's /metrics is
 DRAIN_DELAY = 0.02  # seconds a finished request waits for its metrics and access-log line
 DRAIN_MAX = 256  # finished requests kept at most before they are drained
+
+_instances = itertools.count()  # tells apart the files of several `Metrics` in one process
 
 
 def _ms(seconds: float) -> float:
@@ -82,147 +99,227 @@ Finished = tuple[
 """A finished request waiting for `Observability.drain`: `record`'s arguments and when it
 ended (`perf_counter`)."""
 
-
-class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        route = ["model", "deployment", "backend"]
-        self.requests = Counter(
-            "inferbridge_requests",
-            "Requests by model, deployment, backend and HTTP status",
-            [*route, "status"],
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "inferbridge_request_duration_seconds",
-            "Whole request duration",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.ttft = Histogram(
-            "inferbridge_time_to_first_token_seconds",
-            "Time until the first upstream batch",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.overhead = Histogram(
-            "inferbridge_proxy_overhead_seconds",
-            "Time spent in inferbridge, excluding the upstream",
-            ["model"],
-            buckets=OVERHEAD_BUCKETS,
-            registry=registry,
-        )
-        self.tokens = Counter(
-            "inferbridge_tokens",
-            "Tokens by model and kind (prompt/completion)",
-            ["model", "kind"],
-            registry=registry,
-        )
-        self.in_flight = Gauge(
-            "inferbridge_requests_in_flight",
-            "Requests being served",
-            ["model"],
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.upstream_errors = Counter(
-            "inferbridge_upstream_errors",
-            "Upstream failures by kind",
-            [*route, "kind"],
-            registry=registry,
-        )
-        self.retries = Counter(
-            "inferbridge_retries", "Extra upstream attempts", ["model"], registry=registry
-        )
-        self.fallbacks = Counter(
-            "inferbridge_fallbacks",
-            "Requests answered by a fallback model",
-            ["model", "fallback"],
-            registry=registry,
-        )
-        self.rejected = Counter(
-            "inferbridge_rejected_requests",
-            "Requests answered with an "
-            "error before reaching a backend (bad body, auth, unknown "
-            "model...)",
-            ["status"],
-            registry=registry,
-        )
-        self.disconnects = Counter(
-            "inferbridge_client_disconnects",
-            "Clients that left before the end",
-            ["model"],
-            registry=registry,
-        )
-        self.pending = PendingMetrics(self)
-        self._children: dict[tuple[Any, ...], Any] = {}
-
-    def child(self, metric: Any, labels: tuple[str, ...]) -> Any:
-        """`metric.labels(*labels)`, cached: label lookups are the costly part."""
-        key = (id(metric), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
+Labels = tuple[str, ...]
 
 
-class PendingMetrics:
-    """What the serving loop counted since the last flush, in plain dicts.
+class Family:
+    """One metric: kind (`counter`, `gauge` or `histogram`), name (a counter's without the
+    `_total` the exposition adds), help, label names, and a histogram's bucket bounds."""
 
-    The loop is single-threaded, so counting here needs no lock: a request costs a few dict
-    updates instead of ~10 prometheus_client calls, each taking a lock and checking its
-    labels (measured at ~15% of a request's Python time). `flush()` moves the totals into
-    the prometheus_client metrics: before every exposition, and every second when several
-    worker processes share the metrics folder (each process flushes its own).
+    __slots__ = ("bounds", "help", "kind", "labels", "le", "name")
+
+    def __init__(
+        self, kind: str, name: str, help: str, labels: Labels, bounds: tuple[float, ...] = ()
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.help = help
+        self.labels = labels
+        self.bounds = tuple(float(b) for b in bounds)
+        # the `le` label of each bucket, as prometheus_client prints it (for bounds < 1e6)
+        self.le = (*(repr(b) for b in self.bounds), "+Inf")
+
+    def __repr__(self) -> str:
+        return f"<Family {self.name}>"
+
+
+class Metrics(Collector):
+    """What this process counted, in plain dicts, and their export to Prometheus.
+
+    The serving loop is single-threaded, so counting needs no lock: a request costs a few dict
+    updates. `counts` holds counter totals, `observed` each histogram's counts per bucket (not
+    cumulative; the last bucket is +Inf) followed by the sum of the observed values,
+    `in_flight` the requests being served per model. `collect()` turns them into metric
+    families when the registry is read; with a `shared_dir` it sums every process's
+    totals published there (`publish()`).
     """
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self.counts: dict[tuple[Any, tuple[str, ...]], float] = {}
-        # histogram -> labels -> [per-bucket counts..., sum]
-        self.observed: dict[Any, dict[tuple[str, ...], list[float]]] = {}
+    def __init__(self, shared_dir: str | None = None) -> None:
+        route = ("model", "deployment", "backend")
+        self.requests = Family(
+            "counter",
+            "inferbridge_requests",
+            "Requests by model, deployment, backend and HTTP status",
+            (*route, "status"),
+        )
+        self.latency = Family(
+            "histogram",
+            "inferbridge_request_duration_seconds",
+            "Whole request duration",
+            ("model",),
+            LATENCY_BUCKETS,
+        )
+        self.ttft = Family(
+            "histogram",
+            "inferbridge_time_to_first_token_seconds",
+            "Time until the first upstream batch",
+            ("model",),
+            LATENCY_BUCKETS,
+        )
+        self.overhead = Family(
+            "histogram",
+            "inferbridge_proxy_overhead_seconds",
+            "Time spent in inferbridge, excluding the upstream",
+            ("model",),
+            OVERHEAD_BUCKETS,
+        )
+        self.tokens = Family(
+            "counter",
+            "inferbridge_tokens",
+            "Tokens by model and kind (prompt/completion)",
+            ("model", "kind"),
+        )
+        self.requests_in_flight = Family(
+            "gauge", "inferbridge_requests_in_flight", "Requests being served", ("model",)
+        )
+        self.upstream_errors = Family(
+            "counter", "inferbridge_upstream_errors", "Upstream failures by kind", (*route, "kind")
+        )
+        self.retries = Family(
+            "counter", "inferbridge_retries", "Extra upstream attempts", ("model",)
+        )
+        self.fallbacks = Family(
+            "counter",
+            "inferbridge_fallbacks",
+            "Requests answered by a fallback model",
+            ("model", "fallback"),
+        )
+        self.rejected = Family(
+            "counter",
+            "inferbridge_rejected_requests",
+            "Requests answered with an error before reaching a backend (bad body, auth, "
+            "unknown model...)",
+            ("status",),
+        )
+        self.disconnects = Family(
+            "counter",
+            "inferbridge_client_disconnects",
+            "Clients that left before the end",
+            ("model",),
+        )
+        self.families = (
+            self.requests,
+            self.latency,
+            self.ttft,
+            self.overhead,
+            self.tokens,
+            self.requests_in_flight,
+            self.upstream_errors,
+            self.retries,
+            self.fallbacks,
+            self.rejected,
+            self.disconnects,
+        )
+        self.counts: dict[tuple[Family, Labels], float] = {}
+        self.observed: dict[tuple[Family, Labels], list[float]] = {}
         self.in_flight: dict[str, int] = {}
-        # each histogram's finite bucket bounds (the last bucket, +Inf, takes the rest)
-        self._bounds = {
-            h: (*h._upper_bounds[:-1],) for h in (metrics.latency, metrics.ttft, metrics.overhead)
-        }
+        self.shared_dir = shared_dir
+        self._path = (
+            os.path.join(shared_dir, f"inferbridge_{os.getpid()}_{next(_instances)}.json")
+            if shared_dir
+            else None
+        )
+        self._published = b""
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
 
-    def inc(self, metric: Any, labels: tuple[str, ...], amount: float = 1.0) -> None:
-        key = (metric, labels)
+    # -- counting (on the serving loop) ----------------------------------------------------
+    def inc(self, family: Family, labels: Labels, amount: float = 1.0) -> None:
+        key = (family, labels)
         counts = self.counts
         counts[key] = counts.get(key, 0.0) + amount
 
-    def observe(self, metric: Any, labels: tuple[str, ...], value: float) -> None:
-        per_label = self.observed.get(metric)
-        if per_label is None:
-            per_label = self.observed[metric] = {}
-        entry = per_label.get(labels)
-        bounds = self._bounds[metric]
+    def observe(self, family: Family, labels: Labels, value: float) -> None:
+        key = (family, labels)
+        entry = self.observed.get(key)
+        bounds = family.bounds
         if entry is None:
-            entry = per_label[labels] = [0.0] * (len(bounds) + 2)
-        entry[bisect_left(bounds, value)] += 1
+            entry = self.observed[key] = [0.0] * (len(bounds) + 2)
+        entry[bisect_left(bounds, value)] += 1  # `le` is inclusive: a bound's own value is in
         entry[-1] += value
 
-    def flush(self) -> None:
-        metrics = self._metrics
-        child = metrics.child
-        counts, self.counts = self.counts, {}
-        for (metric, labels), amount in counts.items():
-            child(metric, labels).inc(amount)
-        observed, self.observed = self.observed, {}
-        for metric, per_label in observed.items():
-            for labels, entry in per_label.items():
-                # Histogram internals, as `observe()` updates them: one value per bucket (not
-                # cumulative) and the sum. pyproject.toml bounds prometheus-client for this.
-                target = child(metric, labels)
-                for index, n in enumerate(entry[:-1]):
-                    if n:
-                        target._buckets[index].inc(n)
-                target._sum.inc(entry[-1])
-        for model, value in self.in_flight.items():
-            child(metrics.in_flight, (model,)).set(value)
+    # -- several processes -----------------------------------------------------------------
+    def publish(self) -> None:
+        """With a shared folder: write this process's totals there for every process's
+        scrapes (replaced atomically, and only when they changed)."""
+        path = self._path
+        if path is None:
+            return
+        data = orjson.dumps(
+            {
+                "counts": [[f.name, labels, v] for (f, labels), v in self.counts.items()],
+                "observed": [[f.name, labels, e] for (f, labels), e in self.observed.items()],
+                "in_flight": self.in_flight,
+            }
+        )
+        if data == self._published:
+            return
+        temporary = path + ".tmp"
+        try:
+            with open(temporary, "wb") as file:
+                file.write(data)
+            os.replace(temporary, path)
+        except OSError:  # full disk, folder removed...: the next publish tries again
+            return
+        self._published = data
+
+    def _shared_totals(self, shared_dir: str) -> tuple[dict, dict, dict[str, int]]:
+        """`counts`, `observed` and `in_flight` summed over every process's published file."""
+        by_name = {f.name: f for f in self.families}
+        counts: dict[tuple[Family, Labels], float] = {}
+        observed: dict[tuple[Family, Labels], list[float]] = {}
+        in_flight: dict[str, int] = {}
+        pattern = os.path.join(glob.escape(shared_dir), "inferbridge_*.json")
+        for path in sorted(glob.glob(pattern)):
+            try:
+                with open(path, "rb") as file:
+                    published = orjson.loads(file.read())
+            except (OSError, ValueError):
+                continue
+            for name, labels, value in published["counts"]:
+                family = by_name.get(name)
+                if family is not None:
+                    key = (family, tuple(labels))
+                    counts[key] = counts.get(key, 0.0) + value
+            for name, labels, entry in published["observed"]:
+                family = by_name.get(name)
+                if family is None or len(entry) != len(family.bounds) + 2:
+                    continue  # written by a version with other buckets
+                key = (family, tuple(labels))
+                total = observed.get(key)
+                if total is None:
+                    observed[key] = entry
+                else:
+                    for index, value in enumerate(entry):
+                        total[index] += value
+            for model, value in published["in_flight"].items():
+                in_flight[model] = in_flight.get(model, 0) + value
+        return counts, observed, in_flight
+
+    # -- export (prometheus_client custom collector) ---------------------------------------
+    def collect(self) -> Iterable[Metric]:
+        if self.shared_dir:
+            self.publish()
+            counts, observed, in_flight = self._shared_totals(self.shared_dir)
+        else:
+            counts, observed, in_flight = self.counts, self.observed, self.in_flight
+        kinds = {
+            "counter": CounterMetricFamily,
+            "gauge": GaugeMetricFamily,
+            "histogram": HistogramMetricFamily,
+        }
+        out: dict[Family, Any] = {
+            f: kinds[f.kind](f.name, f.help, labels=f.labels) for f in self.families
+        }
+        for (family, labels), value in counts.items():
+            out[family].add_metric(labels, value)
+        for (family, labels), entry in observed.items():
+            buckets = list(zip(family.le, itertools.accumulate(entry[:-1]), strict=True))
+            out[family].add_metric(labels, buckets, entry[-1])
+        gauge = out[self.requests_in_flight]
+        for model, value in in_flight.items():
+            gauge.add_metric((model,), value)
+        return out.values()
 
 
 class AccessLogWriter:
@@ -280,12 +377,13 @@ class AccessLogWriter:
 
 
 class Observability:
-    """One per process: the metrics registry and the access log."""
+    """One per process: the metrics and the access log."""
 
     def __init__(self, *, log_prompts: bool = False, access_log: bool = True) -> None:
         self.log_prompts = log_prompts
-        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-        self.metrics = Metrics(CollectorRegistry(auto_describe=True))
+        shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self.multiprocess = shared_dir is not None
+        self.metrics = Metrics(shared_dir)
         self.access = AccessLogWriter()
         self.access_enabled = access_log
         self._flusher: asyncio.TimerHandle | None = None
@@ -298,12 +396,12 @@ class Observability:
         self._loop = asyncio.get_running_loop()
         if self.access_enabled:
             self.access.start()
-        if self.multiprocess:  # other workers' scrapes read what this one flushed
+        if self.multiprocess:  # other workers' scrapes read what this one publishes
             self._flusher = self._loop.call_later(FLUSH_INTERVAL, self._tick)
 
     def _tick(self) -> None:
         self.drain()
-        self.metrics.pending.flush()
+        self.metrics.publish()
         self._flusher = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._tick)
 
     def stop(self) -> None:
@@ -312,24 +410,19 @@ class Observability:
             self._flusher = None
         self.drain()
         self._loop = None
-        self.metrics.pending.flush()
+        self.metrics.publish()
         self.access.stop()
 
     def exposition(self) -> bytes:
         self.drain()
-        self.metrics.pending.flush()
-        if self.multiprocess:
-            registry = CollectorRegistry()
-            prom_multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry)
         return generate_latest(self.metrics.registry)
 
     # -- per request ------------------------------------------------------------------------
     def rejected(self, status: int) -> None:
-        self.metrics.pending.inc(self.metrics.rejected, (str(status),))
+        self.metrics.inc(self.metrics.rejected, (str(status),))
 
     def started(self, model: str) -> None:
-        in_flight = self.metrics.pending.in_flight
+        in_flight = self.metrics.in_flight
         in_flight[model] = in_flight.get(model, 0) + 1
 
     def record(
@@ -343,7 +436,7 @@ class Observability:
     ) -> None:
         """The request is over: out of the in-flight gauge now, into the other metrics and
         the access log at the next `drain`."""
-        self.metrics.pending.in_flight[request.model] -= 1
+        self.metrics.in_flight[request.model] -= 1
         finished = self._finished
         finished.append((request, route, timer, usage, error, completion, _now()))
         if len(finished) == 1:
@@ -364,9 +457,8 @@ class Observability:
         if not finished:
             return
         m = self.metrics
-        pending = m.pending
-        inc = pending.inc
-        observe = pending.observe
+        inc = m.inc
+        observe = m.observe
         lines: list[bytes] | None = [] if self.access_enabled else None
         epoch = time.time() - _now()  # perf_counter instants -> Unix time
         for request, route, timer, usage, error, completion, end in finished:
@@ -385,7 +477,7 @@ class Observability:
                 inc(m.tokens, (model, "completion"), usage.get("completion_tokens", 0))
             kind = getattr(error, "code", None) or (type(error).__name__ if error else None)
             if error is not None and route.deployment:
-                inc(m.upstream_errors, (model, route.deployment, route.backend, kind))
+                inc(m.upstream_errors, (model, route.deployment, route.backend, str(kind)))
             if route.attempts > 1:
                 inc(m.retries, by_model, route.attempts - 1)
             if route.fallback:
