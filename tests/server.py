@@ -14,7 +14,6 @@ import openai
 import uvicorn
 
 from inferbridge.app import create_app
-from inferbridge.cli import HTTP_PROTOCOL
 from inferbridge.config import load_config
 
 
@@ -24,16 +23,13 @@ class InferbridgeServer:
         config: dict[str, Any],
         *,
         api_key: str = "sk-test",
-        http: str = HTTP_PROTOCOL,
         **uvicorn_options: Any,
     ) -> None:
-        """`http`: uvicorn's protocol; `"httptools"` serves the hot routes through plain ASGI.
-        `uvicorn_options`: more `uvicorn.Config` arguments (`timeout_keep_alive`...)."""
+        """`uvicorn_options`: more `uvicorn.Config` arguments (`timeout_keep_alive`...)."""
         # Access logs off unless a test asks for them: they would print into pytest's output.
         server = {"access_log": False, **(config.get("server") or {})}
         self.config = load_config(data={**config, "server": server}, environ={})
         self.api_key = api_key
-        self.http = http
         self.uvicorn_options = uvicorn_options
         self.port = 0
         self._server: uvicorn.Server | None = None
@@ -65,7 +61,7 @@ class InferbridgeServer:
             host="127.0.0.1",
             port=0,
             loop="uvloop",
-            http=self.http,
+            http="httptools",
             log_level="warning",
             access_log=False,
             lifespan="on",

@@ -10,10 +10,10 @@ USER = [{"role": "user", "content": "alpha beta gamma delta"}]
 
 
 def post(srv, path: str, body, **kw) -> httpx.Response:
-    content = body if isinstance(body, bytes) else None
-    return httpx.post(
-        srv.url + path, json=None if content else body, content=content, timeout=10, **kw
-    )
+    if not isinstance(body, bytes):
+        return httpx.post(srv.url + path, json=body, timeout=10, **kw)
+    headers = {"content-type": "application/json", **kw.pop("headers", {})}
+    return httpx.post(srv.url + path, content=body, headers=headers, timeout=10, **kw)
 
 
 @pytest.mark.parametrize(

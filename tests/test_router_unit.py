@@ -334,8 +334,6 @@ def test_an_attempt_copies_every_field_and_owns_its_dicts():
     a field added later included, and gives the attempt its own params, extras and body."""
     import dataclasses
 
-    from inferbridge.events import Delivery
-
     values = {
         "kind": "completion",
         "model": "m",
@@ -347,7 +345,6 @@ def test_an_attempt_copies_every_field_and_owns_its_dicts():
         "include_usage": True,
         "body": {"model": "m"},
         "request_id": "rid",
-        "delivery": Delivery(),
     }
     assert set(values) == {f.name for f in dataclasses.fields(InferenceRequest)}
     original = InferenceRequest(**values)

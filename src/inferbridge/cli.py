@@ -2,8 +2,8 @@
 
 The configuration is loaded and validated here first, so a bad file is reported in plain
 words (exit code 2) before any server starts. The server then runs on uvicorn with uvloop
-and httptools (its protocol extended by `inferbridge.api.http_protocol`); each worker
-process builds its app from the same file and overrides.
+and httptools; each worker process builds its app (`inferbridge.app.create_app`) from the
+same file and overrides.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import orjson
 from inferbridge import __version__
 from inferbridge.config import ConfigError, load_config
 from inferbridge.inference_server import InferenceServerError, parse_inference_server
-
-# uvicorn's httptools protocol with the two hot routes served without an ASGI cycle.
-HTTP_PROTOCOL = "inferbridge.api.http_protocol:InferbridgeHttpProtocol"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,16 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         # Several processes: /metrics aggregates them through a shared folder.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="inferbridge-metrics-")
     uvicorn.run(
-        "inferbridge.app:app_from_env",
+        "inferbridge.app:create_app",
         factory=True,
         host=server.host,
         port=server.port,
         workers=server.workers,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http=HTTP_PROTOCOL,
+        http="httptools",
         log_level=server.log_level,
         access_log=False,  # inferbridge writes its own JSON access log, off the loop
-        proxy_headers=False,  # measured: a middleware layer on every request
+        proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=server.drain_timeout,
     )

@@ -79,6 +79,8 @@ class ServerConfig(BaseModel):
     workers: int = Field(default=1, ge=1)
     log_level: str = "info"
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    body_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a request body may take to arrive once its headers are in."""
     drop_unsupported_params: bool = False
     log_prompts: bool = False
     """Log prompts and completions (off by default: they are private)."""

@@ -15,24 +15,19 @@ Finish reasons use the normalized vocabulary: "stop", "length", "tool_calls",
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 
 class TextDelta:
     """A piece of generated text for choice `index` (with its logprobs, if the backend gave any)."""
 
-    __slots__ = ("index", "json", "logprobs", "text")
+    __slots__ = ("index", "logprobs", "text")
 
-    def __init__(
-        self, text: str, index: int = 0, logprobs: Any = None, json: bytes | None = None
-    ) -> None:
+    def __init__(self, text: str, index: int = 0, logprobs: Any = None) -> None:
         self.text = text
         self.index = index
         self.logprobs = logprobs
-        self.json = json
-        """`text` as a JSON string (quotes included), exactly the bytes `orjson.dumps(text)`
-        gives, when the adapter already holds them (`inferbridge.backends.text_shape`)."""
 
     def __repr__(self) -> str:
         return f"TextDelta({self.text!r}, index={self.index})"
@@ -141,38 +136,6 @@ def normalize_finish(reason: str | None) -> str:
     if not reason:
         return "stop"
     return _FINISH_ALIASES.get(reason, "stop")
-
-
-class BatchSink(Protocol):
-    """Where pushed batches go: the OpenAI layer's side of push delivery (`Delivery`)."""
-
-    def push(self, batch: Sequence[Event]) -> bool:
-        """Take a batch now, from a callback; False when the client cannot take more yet
-        (the producer then holds its source until `when_writable` calls back)."""
-        ...
-
-    def when_writable(self, resume: Callable[[], None]) -> None:
-        """Call `resume` once the client can take more."""
-        ...
-
-
-class Delivery:
-    """How the batches after the first reach the OpenAI layer: pulled by default, pushed
-    once the consumer sets `sink`.
-
-    Pulling costs a task wake-up and a generator hop per layer for every upstream read.
-    A consumer that can write synchronously (inferbridge's own HTTP transport) sets `sink`
-    after the first batch; an adapter whose source is callback-driven (an HTTP body, see
-    `HttpUpstream.events`) then hands each later batch to `sink.push` from the socket's
-    callback and yields only what is left at the end. Layers in between may wrap the sink
-    (the idle watchdog does). Errors, the end of the stream and cancellation still travel
-    through the iterator as before.
-    """
-
-    __slots__ = ("sink",)
-
-    def __init__(self) -> None:
-        self.sink: BatchSink | None = None
 
 
 async def aclose(stream: AsyncIterator[Sequence[Event]] | None) -> None:

@@ -73,22 +73,23 @@ class Gateway:
     def auth_required(self) -> bool:
         return bool(self._keys)
 
-    def authenticate(self, authorization: bytes | None, api_key: bytes | None = None) -> None:
+    def authenticate(self, authorization: str | None, api_key: str | None = None) -> None:
         """Check `Authorization: Bearer KEY` (or an `api-key` header) in constant time."""
         if not self._keys:
             return
         presented = api_key
         if authorization:
-            scheme, _, token = authorization.partition(b" ")
-            if scheme.lower() == b"bearer":
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() == "bearer":
                 presented = token.strip()
         if not presented:
             raise AuthenticationFailed(
                 "Missing API key: send it as 'Authorization: Bearer YOUR_KEY'."
             )
+        candidate = presented.encode()
         ok = False
         for key in self._keys:
-            ok |= hmac.compare_digest(presented, key)
+            ok |= hmac.compare_digest(candidate, key)
         if not ok:
             raise AuthenticationFailed("Incorrect API key provided.")
 

@@ -9,10 +9,7 @@ or `prompt` (legacy completions).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from inferbridge.events import Delivery
+from typing import Any, Literal
 
 Kind = Literal["chat", "completion"]
 
@@ -38,9 +35,6 @@ class InferenceRequest:
     body: dict[str, Any] = field(default_factory=dict)
     """The client's original JSON body, for pass-through adapters."""
     request_id: str = ""
-    delivery: Delivery | None = None
-    """Set by the OpenAI layer on streamed requests: lets the stream push its batches
-    (`inferbridge.events.Delivery`)."""
 
     def copy(self) -> InferenceRequest:
         """A copy whose `params`, `extras` and `body` may be changed without touching this
@@ -56,7 +50,6 @@ class InferenceRequest:
             self.include_usage,
             dict(self.body),
             self.request_id,
-            self.delivery,
         )
 
     @property

@@ -12,6 +12,7 @@ nothing is dumped again on the hot path.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, NotRequired
 
 import orjson
@@ -212,6 +213,12 @@ class _Common(TypedDict):
     user: NotRequired[str | None]
     stream: NotRequired[bool | None]
     stream_options: NotRequired[StreamOptions | None]
+    # Fields that never change what a model generates (`IGNORABLE_PARAMS`)
+    metadata: NotRequired[dict[str, str] | None]
+    store: NotRequired[bool | None]
+    service_tier: NotRequired[str | None]
+    safety_identifier: NotRequired[str | None]
+    prompt_cache_key: NotRequired[str | None]
 
 
 @_open
@@ -227,6 +234,14 @@ class ChatCompletionRequest(_Common):
     tools: NotRequired[list[Tool] | None]
     tool_choice: NotRequired[Literal["none", "auto", "required"] | NamedToolChoice | None]
     parallel_tool_calls: NotRequired[bool | None]
+    functions: NotRequired[list[FunctionDefinition] | None]
+    function_call: NotRequired[Literal["none", "auto"] | NamedFunction | None]
+    modalities: NotRequired[list[str] | None]
+    audio: NotRequired[dict[str, Any] | None]
+    prediction: NotRequired[dict[str, Any] | None]
+    reasoning_effort: NotRequired[str | None]
+    verbosity: NotRequired[str | None]
+    web_search_options: NotRequired[dict[str, Any] | None]
 
 
 @_open
@@ -252,10 +267,61 @@ def _fields(schema: Any) -> frozenset[str]:
     return frozenset(schema.__required_keys__ | schema.__optional_keys__)
 
 
-# -- body -> InferenceRequest -----------------------------------------------------------------
+# -- what the parameters mean ---------------------------------------------------------------
+# The one source of which OpenAI parameters exist (the schemas above), which never change
+# what a model generates, and which values mean "the default behaviour". The validator
+# (`build_request`) and the adapters' unsupported-parameter policy (`Backend.prepare`)
+# both read them from here.
+
 _NOT_PARAMS = frozenset(
     {"model", "messages", "prompt", "stream", "stream_options", "max_completion_tokens"}
 )
+"""Schema fields that are the request itself, not generation parameters."""
+
+OPENAI_PARAMS = (_fields(ChatCompletionRequest) | _fields(CompletionRequest)) - _NOT_PARAMS
+"""Every OpenAI parameter a request may carry (`max_completion_tokens` arrives as
+`max_tokens`)."""
+
+IGNORABLE_PARAMS = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "safety_identifier",
+        "prompt_cache_key",
+        "parallel_tool_calls",
+    }
+)
+"""Parameters that never change what a backend generates: always accepted, never forwarded
+by translating adapters."""
+
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "logprobs": (False, 0),
+    "echo": (False,),
+    "best_of": (1,),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("auto",),
+    "response_format": ({"type": "text"},),
+    "top_logprobs": (0,),
+    "stop": ([],),
+}
+
+
+def is_neutral(params: dict[str, Any], key: str) -> bool:
+    """Whether `params[key]` asks for the default behaviour (so it is no use of `key`):
+    `tool_choice: "none"` is neutral only without tools."""
+    value = params[key]
+    if key == "tool_choice" and value == "none":
+        return not params.get("tools")
+    return value in _NEUTRAL.get(key, ())
+
+
+# -- body -> InferenceRequest -----------------------------------------------------------------
 _CHAT_FIELDS = _fields(ChatCompletionRequest)
 _COMPLETION_FIELDS = _fields(CompletionRequest)
 _KNOWN_NAMES = (
@@ -307,7 +373,27 @@ def _param_path(loc: tuple[Any, ...]) -> str:
 
 
 def validation_error(exc: ValidationError) -> InvalidRequest:
-    err = exc.errors(include_url=False)[0]
+    return invalid_field(exc.errors(include_url=False)[0])
+
+
+def invalid_body(errors: Sequence[Any]) -> InvalidRequest:
+    """The 400 for FastAPI's validation errors of a request body (locations start with
+    `body`): the first error, naming its field."""
+    err = dict(errors[0]) if errors else {"type": "missing", "loc": ("body",), "msg": ""}
+    loc = tuple(err.get("loc") or ())
+    loc = loc[1:] if loc[:1] == ("body",) else loc
+    if err.get("type") == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", "")
+        return InvalidRequest(f"The request body is not valid JSON: {detail}")
+    if not loc:
+        if err.get("type") == "missing":
+            return InvalidRequest("The request body is empty; it must be a JSON object.")
+        return InvalidRequest("The request body must be a JSON object.")
+    err["loc"] = loc
+    return invalid_field(err)
+
+
+def invalid_field(err: Any) -> InvalidRequest:
     param = _param_path(err["loc"])
     if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
         tag = "role" if param.startswith("messages") and param.count(".") == 0 else "type"
@@ -338,6 +424,11 @@ def build_request(kind: Kind, data: dict[str, Any]) -> InferenceRequest:
         SCHEMAS[kind].validate_python(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
+    return normalize(kind, data)
+
+
+def normalize(kind: Kind, data: dict[str, Any]) -> InferenceRequest:
+    """An `InferenceRequest` from a body already validated against `SCHEMAS[kind]`."""
     fields = _CHAT_FIELDS if kind == "chat" else _COMPLETION_FIELDS
     params: dict[str, Any] = {}
     extras: dict[str, Any] = {}

@@ -142,7 +142,7 @@ class StreamEncoder:
                 if tracker.text is not None:
                     tracker.text.append(text)
                 if ev.index == 0 and ev.logprobs is None:
-                    encoded = ev.json or orjson.dumps(text)
+                    encoded = orjson.dumps(text)
                     out.append(self._text_head + encoded + self._text_tail)
                 else:
                     choice = self._choice(ev.index, {"content": text}, ev.logprobs)

@@ -35,74 +35,13 @@ and several prompts when `native_n` is false.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from inferbridge.api.protocol import IGNORABLE_PARAMS, OPENAI_PARAMS, is_neutral
 from inferbridge.config import DeploymentConfig
 from inferbridge.errors import InvalidRequest, UnsupportedParameter
 from inferbridge.events import Event
 from inferbridge.request import InferenceRequest
-
-# Parameters that never change what a backend generates: always accepted, never forwarded
-# by translating adapters.
-IGNORABLE_PARAMS = frozenset(
-    {
-        "user",
-        "metadata",
-        "store",
-        "service_tier",
-        "safety_identifier",
-        "prompt_cache_key",
-        "parallel_tool_calls",
-    }
-)
-
-# Values that mean "the default behaviour": a parameter set to one of these is not a use of it.
-_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "logprobs": (False, 0),
-    "echo": (False,),
-    "best_of": (1,),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "logit_bias": ({},),
-    "tools": ([],),
-    "tool_choice": ("auto",),  # "none" is neutral only without tools (see prepare)
-    "response_format": ({"type": "text"},),
-    "top_logprobs": (0,),
-    "stop": ([],),
-}
-
-# Every OpenAI parameter a request may carry (besides model, messages/prompt, stream*).
-OPENAI_PARAMS = frozenset(
-    {
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "n",
-        "stop",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "logprobs",
-        "top_logprobs",
-        "response_format",
-        "tools",
-        "tool_choice",
-        "functions",
-        "function_call",
-        "suffix",
-        "echo",
-        "best_of",
-        "modalities",
-        "audio",
-        "prediction",
-        "reasoning_effort",
-        "verbosity",
-        "web_search_options",
-    }
-    | IGNORABLE_PARAMS
-)
 
 
 class Backend:
@@ -158,10 +97,7 @@ class Backend:
         for key in list(request.params):
             if key in supported or key in IGNORABLE_PARAMS:
                 continue
-            value = request.params[key]
-            if value in _NEUTRAL.get(key, ()) or (
-                key == "tool_choice" and value == "none" and not request.params.get("tools")
-            ):
+            if is_neutral(request.params, key):
                 del request.params[key]
                 continue
             self._unsupported(request, key, "params")

@@ -6,13 +6,12 @@ transport failure and every non-2xx answer into an `UpstreamError` subclass that
 backend, so adapters only deal with their protocol:
 
     async with self.http.post("/generate", payload) as resp:   # raises on non-2xx
-        async for batch in self.http.events(resp, parser, request.delivery):
+        async for batch in self.http.events(resp, parser):
             yield batch                                         # raises on a broken stream
 
 `parser` (a `StreamParser`, usually an `ItemParser` over an SSE or NDJSON decoder) turns
-the body into events; `events` pulls the first batch and, once the OpenAI layer asks for
-it (`Delivery`), pushes the rest from the socket's callback. `iter_chunks(resp)` gives the
-raw body pieces for protocols that need their own loop.
+the body into events. `iter_chunks(resp)` gives the raw body pieces for protocols that
+need their own loop.
 
 `resp` has `status`, `headers.get(name)` (any case) and `await resp.read()`. The client is
 inferbridge's own lean HTTP/1.1 client (`http1.py`), because aiohttp's client cost ~205 µs
@@ -22,7 +21,6 @@ replaced httpx's pool, measured ~8x costlier still).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any, Protocol
@@ -43,7 +41,7 @@ from inferbridge.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from inferbridge.events import BatchSink, Delivery, Event
+from inferbridge.events import Event
 
 
 def error_message(body: bytes) -> str:
@@ -283,22 +281,12 @@ class HttpUpstream:
     def post(self, path: str, payload: Any, **kw: Any) -> _Exchange:
         return self.request("POST", path, json=payload, **kw)
 
-    async def events(
-        self, resp: Response, parser: StreamParser, delivery: Delivery | None
-    ) -> AsyncIterator[list[Event]]:
-        """The body's events, batch by batch, as `parser` decodes them.
-
-        Pulled at first (each batch is yielded). Once the consumer has set
-        `delivery.sink`, the rest is pushed: each upstream read is parsed and handed to the
-        sink from the connection's callback, and this generator only yields what is left
-        at the end. Either way a parse error is raised after the events before it went out.
-        """
+    async def events(self, resp: Response, parser: StreamParser) -> AsyncIterator[list[Event]]:
+        """The body's events, batch by batch (one per upstream read), as `parser` decodes
+        them. A parse error is raised after the events before it were yielded."""
         read = resp.read_any
         try:
             while not parser.done:
-                if delivery is not None and delivery.sink is not None:
-                    await self._relay(resp, parser, delivery.sink)
-                    break
                 data = await read()
                 if not data:
                     break
@@ -315,25 +303,6 @@ class HttpUpstream:
                 raise parser.error
         except _FAILURES as exc:
             raise transport_error(self.label, exc) from exc
-
-    async def _relay(self, resp: Response, parser: StreamParser, sink: BatchSink) -> None:
-        """Push mode: parse and deliver from the connection's callbacks until the body
-        ends, the parser is done or fails, or the sink fails."""
-        ended: asyncio.Future[None]
-
-        def feed(data: bytes) -> None:
-            batch = parser.feed(data)
-            if batch and not sink.push(batch):
-                resp.hold()
-                sink.when_writable(resp.unhold)
-            if parser.done or parser.error is not None:
-                resp.stop_relay()
-
-        ended = resp.relay(feed)
-        try:
-            await ended
-        finally:
-            resp.stop_relay()
 
     async def iter_chunks(self, resp: Response) -> AsyncIterator[bytes]:
         """The body as it arrives: everything received since the last read, with failures

@@ -421,7 +421,7 @@ class LlamaCppBackend(Backend):
                 return
             # llama.cpp sends one-line events: cutting lines is enough
             parser = ItemParser(self.label, NDJSONDecoder(), reader.line)
-            async for batch in self.http.events(resp, parser, request.delivery):
+            async for batch in self.http.events(resp, parser):
                 yield batch
 
 

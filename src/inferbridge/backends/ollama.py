@@ -392,7 +392,7 @@ class OllamaBackend(Backend):
                 yield reader.events(await self.http.read_json(resp), last=True)
                 return
             parser = ItemParser(self.label, NDJSONDecoder(), reader.line)
-            async for batch in self.http.events(resp, parser, request.delivery):
+            async for batch in self.http.events(resp, parser):
                 yield batch
 
     # -- readiness ------------------------------------------------------------------------

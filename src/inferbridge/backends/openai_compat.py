@@ -30,7 +30,6 @@ from inferbridge.backends.http import (
     load_json,
     status_error,
 )
-from inferbridge.backends.text_shape import TextShape
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import UpstreamError
@@ -125,79 +124,20 @@ def response_events(data: dict[str, Any], chat: bool) -> list[Event]:
     return _events(data, chat, whole=True)
 
 
-_LEARNING_TRIES = 16  # events a stream may spend on learning its TextShape
-_LEARN_IN_FIRST_READ = 2048  # bytes (~8 chunks): a shorter first read is only parsed
-_TEXT_KEY = {True: b'"content":', False: b'"text":'}
-
-
 class ChunkParser(ItemParser):
     """An OpenAI SSE stream -> events. `data: [DONE]` ends it; a stream that ends without
-    it is whole once a finish reason was seen (some servers omit the marker).
+    it is whole once a finish reason was seen (some servers omit the marker)."""
 
-    Once a chunk carried nothing but text for choice 0, the chunks that repeat its bytes
-    around a new text are read by their `TextShape`, without parsing their JSON. Learning
-    (and re-learning, when chunks stop fitting) is bounded per stream, and starts after a
-    short first read: that one is on the way to the first token, where learning costs more
-    than it saves (its code is cold then: measured ~28 µs more for a first read of three
-    chunks after a 200 µs idle, bench/RESULTS.md), and its first chunk, which often carries
-    the role too, would teach a shape the next ones do not fit."""
-
-    __slots__ = ("backend", "chat", "first_read", "learning", "saw_finish", "shape")
-
-    decoder: SSEDecoder
+    __slots__ = ("backend", "chat", "saw_finish")
 
     def __init__(self, backend: OpenAICompatBackend, chat: bool) -> None:
         super().__init__(backend.label, SSEDecoder())
         self.backend = backend
         self.chat = chat
         self.saw_finish = False
-        self.shape: TextShape | None = None
-        self.learning = _LEARNING_TRIES
-        self.first_read = True
 
     def complete_without_marker(self) -> bool:
         return self.saw_finish
-
-    def feed(self, data: bytes) -> list[Event]:
-        if self.first_read:
-            self.first_read = False
-            if len(data) < _LEARN_IN_FIRST_READ:
-                learning, self.learning = self.learning, 0  # parsed only: `take` learns nothing
-                batch = super().feed(data)
-                self.learning = learning
-                return batch
-        if self.shape is None and not self.learning:
-            return super().feed(data)
-        batch: list[Event] = []
-        pos, misses, size = 0, 0, len(data)
-        while pos < size and misses < 2 and not self.done and self.error is None:
-            shape = self.shape
-            if shape is None:  # one event at a time, so what is learned serves this read
-                if not self.learning:
-                    break
-                self.learning -= 1
-            elif not self.decoder.buffered:
-                found = shape.scan(data, pos, batch)
-                misses = 0 if found > pos else misses + 1
-                pos = found
-            # the next event the usual way (or the end of one begun in an earlier read)
-            end = data.find(b"\n\n", pos) + 2
-            if end < 2:
-                break
-            batch += super().feed(data[pos:end])
-            pos = end
-        if pos < size:
-            batch += super().feed(data[pos:] if pos else data)
-        return batch
-
-    def _learn(self, data: bytes, event: TextDelta) -> None:
-        """Learn the shape of a text-only chunk that the current shape (if any) did not fit:
-        the first chunk may differ (vLLM's carries the role), or the shape changed."""
-        self.learning -= 1
-        if event.index == 0 and event.logprobs is None:
-            shape = TextShape.learn(data, _TEXT_KEY[self.chat], event.text)
-            if shape is not None:
-                self.shape = shape
 
     def take(self, event: ServerSentEvent, batch: list[Event]) -> bool:
         data = event.data
@@ -215,13 +155,8 @@ class ChunkParser(ItemParser):
         events = _events(chunk, self.chat, whole=False)
         if events:
             batch += events
-            last = events[-1]
-            # a chunk that only carries text (the usual one) has no finish reason
-            if type(last) is not TextDelta:
-                if not self.saw_finish:
-                    self.saw_finish = any(type(e) is Finish for e in events)
-            elif self.learning and len(events) == 1:
-                self._learn(data, last)
+            if not self.saw_finish:
+                self.saw_finish = any(type(e) is Finish for e in events)
         return False
 
 
@@ -301,7 +236,7 @@ class OpenAICompatBackend(Backend):
                 yield response_events(data, chat)
                 return
             parser = ChunkParser(self, chat)
-            async for batch in self.http.events(resp, parser, request.delivery):
+            async for batch in self.http.events(resp, parser):
                 yield batch
 
     def _raise_if_error(self, data: Any) -> None:

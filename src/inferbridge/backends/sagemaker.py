@@ -62,7 +62,7 @@ from inferbridge.backends.tgi import (
 )
 from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import UpstreamError, UpstreamTimeout
-from inferbridge.events import Delivery, Event, Usage
+from inferbridge.events import Event, Usage
 from inferbridge.request import InferenceRequest
 from inferbridge.usage import estimate_tokens
 
@@ -330,8 +330,8 @@ class SageMakerBackend(TGIBackend):
         return out
 
     def _generate_stream(
-        self, payload: dict[str, Any], reply: Reply, delivery: Delivery | None
-    ) -> AsyncIterator[list[Event]]:  # pulled: the event stream comes through boto3
+        self, payload: dict[str, Any], reply: Reply
+    ) -> AsyncIterator[list[Event]]:
         def handle(events: list[ServerSentEvent], out: list[Event]) -> bool:
             return any(self._event(event.data, reply, out) for event in events)
 

@@ -42,7 +42,7 @@ from inferbridge.backends.prompting import PromptBuilder, PromptSettings
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import InvalidRequest, UpstreamError, UpstreamRejected
-from inferbridge.events import Delivery, Event, Finish, TextDelta, Usage, normalize_finish
+from inferbridge.events import Event, Finish, TextDelta, Usage, normalize_finish
 from inferbridge.request import InferenceRequest
 from inferbridge.stops import StopCutter
 
@@ -416,7 +416,7 @@ class TGIBackend(Backend):
         reply = Reply(stops, logprobs)
         try:
             if request.stream:
-                async for batch in self._generate_stream(payload, reply, request.delivery):
+                async for batch in self._generate_stream(payload, reply):
                     yield batch
             else:
                 yield await self._generate(payload, reply)
@@ -435,14 +435,14 @@ class TGIBackend(Backend):
         return out
 
     async def _generate_stream(
-        self, payload: dict[str, Any], reply: Reply, delivery: Delivery | None
+        self, payload: dict[str, Any], reply: Reply
     ) -> AsyncIterator[list[Event]]:
         def take(event: ServerSentEvent, batch: list[Event]) -> bool:
             return self._event(event.data, reply, batch)
 
         parser = ItemParser(self.label, SSEDecoder(), take)
         async with self.http.post("/generate_stream", payload) as resp:
-            async for batch in self.http.events(resp, parser, delivery):
+            async for batch in self.http.events(resp, parser):
                 yield batch
         # leaving early (a stop string) closes the response: TGI stops generating
 

@@ -36,7 +36,7 @@ from inferbridge.fanout import fan_out
 from inferbridge.request import InferenceRequest, RouteInfo
 from inferbridge.router import Deployment, ModelGroup, Router
 from inferbridge.routing.drain import Drain
-from inferbridge.routing.watchdog import IdleWatchdog, WatchedSink
+from inferbridge.routing.watchdog import IdleWatchdog
 
 log = logging.getLogger("inferbridge.router")
 
@@ -60,9 +60,6 @@ async def routed_stream(
                 yield batch
             return
         watch = IdleWatchdog(idle)
-        delivery = request.delivery
-        if delivery is not None and delivery.sink is not None:
-            delivery.sink = WatchedSink(delivery.sink, watch)
         try:
             while True:
                 watch.since = watch.loop.time()
@@ -252,8 +249,7 @@ def start_attempt(backend: Backend, original: InferenceRequest) -> Batches:
     prompt_of = []
     for p, prompt in enumerate(prompts or [request.prompt]):
         for _ in range(n):
-            # fan_out renumbers choices: its streams must not push past it
-            sub = replace(request, prompt=prompt, params=dict(request.params), delivery=None)
+            sub = replace(request, prompt=prompt, params=dict(request.params))
             streams.append(backend.stream(sub))
             prompt_of.append(p)
     return fan_out(streams, prompt_of)

@@ -9,17 +9,12 @@ task, and the stream turns that cancellation into an `UpstreamTimeout` (`expired
 way `asyncio.timeout` does, so a real cancellation (client gone) still propagates.
 
 A stream suspended at its `yield` (the client is slow to read) is not waiting for the
-upstream, so it is not idle. When batches are pushed (`inferbridge.events.Delivery`),
-`WatchedSink` keeps the same marks: waiting starts anew at each batch, and a stream held
-back by a slow client is not idle.
+upstream, so it is not idle.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-
-from inferbridge.events import BatchSink, Event
 
 
 class IdleWatchdog:
@@ -55,28 +50,3 @@ class IdleWatchdog:
 
     def stop(self) -> None:
         self._handle.cancel()
-
-
-class WatchedSink:
-    """A `BatchSink` in front of the OpenAI layer's that keeps `watch.since` current."""
-
-    __slots__ = ("sink", "watch")
-
-    def __init__(self, sink: BatchSink, watch: IdleWatchdog) -> None:
-        self.sink = sink
-        self.watch = watch
-
-    def push(self, batch: Sequence[Event]) -> bool:
-        watch = self.watch
-        writable = self.sink.push(batch)
-        watch.since = watch.loop.time() if writable else None
-        return writable
-
-    def when_writable(self, resume: Callable[[], None]) -> None:
-        watch = self.watch
-
-        def resumed() -> None:
-            watch.since = watch.loop.time()
-            resume()
-
-        self.sink.when_writable(resumed)

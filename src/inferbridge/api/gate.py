@@ -1,0 +1,144 @@
+"""The checks every API request passes before a route sees it, as plain ASGI middleware.
+
+`RequestGate` runs on the headers, before any body is read:
+- the API key (401 as soon as the headers are in, so a client without a key cannot make
+  the server buffer a body);
+- for POST requests: the content type must be JSON (415), and a
+  declared `content-length` must be within `server.max_body_bytes` (413).
+Then it reads the body itself, bounded in size (413) and in time (`server.body_timeout`,
+408), and hands the route the whole body.
+
+Health, metrics and the API documentation are public; every other path needs the key
+when keys are configured. Errors use the OpenAI envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from inferbridge.errors import InferbridgeError, PayloadTooLarge
+from inferbridge.gateway import Gateway
+
+PUBLIC_PATHS = frozenset(
+    {"/health", "/health/readiness", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+)
+BODY_METHODS = frozenset({"POST"})
+
+
+class UnsupportedMediaType(InferbridgeError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class RequestTimeout(InferbridgeError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+def is_json(content_type: str | None) -> bool:
+    """`application/json`, with or without parameters (`; charset=utf-8`)."""
+    if not content_type:
+        return False
+    return content_type.split(";", 1)[0].strip().lower() == "application/json"
+
+
+async def send_error(send: Send, exc: InferbridgeError) -> None:
+    body = exc.body()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestGate:
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+        self.max_body = gateway.config.server.max_body_bytes
+        self.body_timeout = gateway.config.server.body_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        try:
+            self.gateway.authenticate(headers.get("authorization"), headers.get("api-key"))
+            if scope["method"] in BODY_METHODS:
+                body = await self.read_body(headers, receive)
+            else:
+                body = None
+        except _ClientLeft:
+            return
+        except InferbridgeError as exc:
+            self.gateway.observability.rejected(exc.status)
+            await send_error(send, exc)
+            return
+        if body is not None:
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    async def read_body(self, headers: Headers, receive: Receive) -> bytes:
+        if not is_json(headers.get("content-type")):
+            raise UnsupportedMediaType(
+                "Unsupported Content-Type: send the body as JSON with "
+                "'Content-Type: application/json'.",
+                param="Content-Type",
+            )
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise self.too_large()
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await self._read(receive)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body did not arrive within {self.body_timeout:g} s."
+            ) from None
+
+    async def _read(self, receive: Receive) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientLeft
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > self.max_body:
+                    raise self.too_large()
+                chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    def too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"The request body is larger than the limit of {self.max_body} bytes "
+            "(server.max_body_bytes)."
+        )
+
+
+class _ClientLeft(Exception):
+    """The client disconnected while sending its body."""
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the app the body read already, then the real messages (so the
+    app still learns of a disconnect)."""
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replay

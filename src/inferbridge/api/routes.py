@@ -1,0 +1,110 @@
+"""The HTTP routes: thin functions that hand each request to the service behind it.
+
+The request bodies are declared with the OpenAI schemas of `inferbridge.api.protocol`, so
+FastAPI validates them and `/openapi.json` documents them. Every OpenAI route is served
+under `/v1` and, for clients configured without it, at the root too (not documented twice).
+Authentication and body limits are checked before a route runs (`inferbridge.api.gate`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+
+from inferbridge.api.protocol import ChatCompletionRequest, CompletionRequest
+from inferbridge.api.serving import CompletionService
+from inferbridge.errors import ModelNotFound
+from inferbridge.gateway import Gateway
+
+JSON = "application/json"
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Invalid request (OpenAI error envelope naming the field)"},
+    401: {"description": "Missing or wrong API key"},
+    404: {"description": "Unknown model"},
+    429: {"description": "Rate limited or every deployment busy"},
+    502: {"description": "The backend failed"},
+    503: {"description": "No deployment available"},
+    504: {"description": "The backend timed out"},
+}
+
+
+def gateway_of(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+def completions_of(request: Request) -> CompletionService:
+    return request.app.state.completions
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status, media_type=JSON)
+
+
+openai = APIRouter(tags=["openai"])
+
+
+@openai.post("/chat/completions", summary="Create a chat completion", responses=ERRORS)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    """OpenAI-compatible. With `stream: true` the answer is a text/event-stream of chunks
+    ending with `data: [DONE]`."""
+    return await completions_of(request).serve("chat", dict(body), request)
+
+
+@openai.post("/completions", summary="Create a completion (legacy)", responses=ERRORS)
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    """OpenAI-compatible. With `stream: true` the answer is a text/event-stream of chunks
+    ending with `data: [DONE]`."""
+    return await completions_of(request).serve("completion", dict(body), request)
+
+
+@openai.get("/models", summary="List models")
+async def list_models(request: Request) -> Response:
+    router = gateway_of(request).router
+    cards = [model_card(request, name) for name in router.public_names()]
+    return json_response({"object": "list", "data": cards})
+
+
+@openai.get("/models/{model:path}", summary="Retrieve a model", responses={404: ERRORS[404]})
+async def retrieve_model(model: str, request: Request) -> Response:
+    router = gateway_of(request).router
+    if model not in router.models and model not in router.aliases:
+        raise ModelNotFound(model)
+    return json_response(model_card(request, model))
+
+
+def model_card(request: Request, name: str) -> dict[str, Any]:
+    owner = gateway_of(request).router.deployments(name)[0].config.owned_by
+    created = request.app.state.started
+    return {"id": name, "object": "model", "created": created, "owned_by": owner}
+
+
+health = APIRouter(tags=["health"])
+
+
+@health.get("/health", summary="Liveness check")
+async def liveness() -> Response:
+    return Response(b'{"status":"ok"}', media_type=JSON)
+
+
+@health.get("/health/readiness", summary="Readiness: each deployment's state")
+async def readiness(request: Request) -> Response:
+    ready, report = gateway_of(request).readiness()
+    return json_response(report, 200 if ready else 503)
+
+
+@health.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    return Response(gateway_of(request).observability.exposition(), media_type=PROMETHEUS)
+
+
+def include_routes(app: FastAPI) -> None:
+    app.include_router(openai, prefix="/v1")
+    app.include_router(openai, include_in_schema=False)
+    app.include_router(health)
+    app.state.started = int(time.time())
