@@ -2,8 +2,8 @@
 
 `run.py --reference floor` measures it in the proxy's seat, beside nginx and inferbridge.
 It has what any Python proxy in front of these upstreams needs and nothing more: uvloop,
-httptools for the client's requests, inferbridge's own HTTP/1.1 client to the upstream
-(`http1.Client`: the keep-alive pool, push mode for streams) and orjson. A non-streamed
+httptools for the client's requests, aiohttp's client to the upstream (one keep-alive
+session per route, as inferbridge has one per deployment) and orjson. A non-streamed
 request and its answer are each parsed and encoded once; a stream is relayed as the
 upstream wrote it, each socket read written to the client at once as one HTTP chunk. No
 validation, routing, retries, limits, metrics, logs, request ids, timeouts or pipelining.
@@ -14,8 +14,7 @@ what its features cost, and what the floor costs beyond nginx is what Python cos
     python bench/floor_proxy.py --route 8201=http://127.0.0.1:8101 --route 8202=...
 
 Each `--route PORT=ORIGIN` listens on 127.0.0.1:PORT and forwards every request's path
-unchanged to ORIGIN (as `proxy_pass` does in the nginx reference). Needs inferbridge
-importable (run.py sets PYTHONPATH to the tree under test).
+unchanged to ORIGIN (as `proxy_pass` does in the nginx reference).
 """
 
 from __future__ import annotations
@@ -25,14 +24,14 @@ import asyncio
 import signal
 from typing import Any
 
+import aiohttp
 import httptools
 import orjson
 import uvloop
 
-from inferbridge.backends.http1 import Client
-
 HOST = "127.0.0.1"
 HEALTH = b'{"status":"ok"}'
+JSON_HEADERS = {"content-type": "application/json"}
 SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 )
@@ -49,7 +48,7 @@ def whole(status: int, body: bytes) -> bytes:
 class ClientConnection(asyncio.Protocol):
     """One client connection: one request at a time, relayed to the route's origin."""
 
-    def __init__(self, upstream: Client) -> None:
+    def __init__(self, upstream: aiohttp.ClientSession) -> None:
         self.upstream = upstream
         self.parser = httptools.HttpRequestParser(self)
         self.transport: Any = None
@@ -96,26 +95,25 @@ class ClientConnection(asyncio.Protocol):
     async def relay(self, path: str, body: bytes) -> None:
         request = orjson.loads(body)
         stream = request.get("stream") is True
-        resp = await self.upstream.send(
-            "POST", path, orjson.dumps(request), None, None, None, None, "application/json"
-        )
+        data = orjson.dumps(request)
         try:
-            if not stream or resp.status != 200:
-                answer = orjson.dumps(orjson.loads(await resp.read()))
-                self.transport.write(whole(resp.status, answer))
-                return
-            self.transport.write(SSE_HEAD)
-            await resp.relay(self.write_chunk)
-            self.transport.write(b"0\r\n\r\n")
+            async with self.upstream.post(path, data=data, headers=JSON_HEADERS) as resp:
+                if not stream or resp.status != 200:
+                    answer = orjson.dumps(orjson.loads(await resp.read()))
+                    self.transport.write(whole(resp.status, answer))
+                    return
+                self.transport.write(SSE_HEAD)
+                async for data in resp.content.iter_any():
+                    self.write_chunk(data)
+                self.transport.write(b"0\r\n\r\n")
         finally:
-            resp.release()
             self.task = None
 
 
 async def serve(routes: list[tuple[int, str]]) -> None:
     loop = asyncio.get_running_loop()
     for port, origin in routes:
-        client = Client(origin, {})
+        client = aiohttp.ClientSession(origin)
         await loop.create_server(lambda c=client: ClientConnection(c), HOST, port, backlog=2048)
     print(f"floor proxy ready: {routes}", flush=True)
     stop = asyncio.Event()

@@ -7,7 +7,7 @@ is not a number) and every failure becomes a 400 whose `param` names the field, 
 
 The body is parsed once with orjson and validated once against TypedDict schemas (no object
 is built per message); the resulting `InferenceRequest` carries the original dicts, so
-nothing is dumped again on the hot path.
+nothing is dumped again for the upstream.
 """
 
 from __future__ import annotations

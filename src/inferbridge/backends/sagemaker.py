@@ -53,9 +53,9 @@ from inferbridge.backends.openai_compat import chunk_events, response_events
 from inferbridge.backends.prompting import PromptBuilder, PromptSettings
 from inferbridge.backends.tgi import (
     DEFAULT_MAX_STOP_SEQUENCES,
-    Reply,
     TGIBackend,
     TGIInfo,
+    TokenReader,
     event_error,
     generated_events,
     tgi_error,
@@ -319,24 +319,24 @@ class SageMakerBackend(TGIBackend):
     def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
         return self._messages(request) if self.messages_api else super().stream(request)
 
-    async def _generate(self, payload: dict[str, Any], reply: Reply) -> list[Event]:
+    async def _generate(self, payload: dict[str, Any], reader: TokenReader) -> list[Event]:
         data = await self._invoke(self._call_args({**payload, "stream": False}, stream=False))
         item = data[0] if isinstance(data, list) and data else data  # [{"generated_text"...}]
         if isinstance(item, dict) and item.get("error"):
             raise container_error(self.label, item)
-        out, completion = generated_events(self.label, item, reply)
+        out, completion = generated_events(self.label, item, reader)
         if completion is not None:  # no prompt count in the body: that side is estimated
             out.append(Usage(estimate_tokens(len(payload["inputs"])), completion, estimated=True))
         return out
 
     def _generate_stream(
-        self, payload: dict[str, Any], reply: Reply
+        self, payload: dict[str, Any], reader: TokenReader
     ) -> AsyncIterator[list[Event]]:
         def handle(events: list[ServerSentEvent], out: list[Event]) -> bool:
-            return any(self._event(event.data, reply, out) for event in events)
+            return any(self._event(event.data, reader, out) for event in events)
 
         args = self._call_args({**payload, "stream": True}, stream=True)
-        return self._drive(args, handle, cut=lambda: reply.stopped)
+        return self._drive(args, handle, cut=lambda: reader.stopped)
 
     async def _messages(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
         body = dict(request.params)

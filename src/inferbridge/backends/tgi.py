@@ -280,7 +280,7 @@ def _lp(token: Any) -> float:
     return float(value) if isinstance(value, int | float) else -9999.0
 
 
-class Reply:
+class TokenReader:
     """Turns TGI tokens (or a whole generated text) into events, cutting at stop strings."""
 
     def __init__(self, stops: list[str], logprobs: _Logprobs | None) -> None:
@@ -316,20 +316,20 @@ class Reply:
         out.append(Finish("stop" if self.stopped else normalize_finish(reason)))
 
 
-def generated_events(label: str, data: Any, reply: Reply) -> tuple[list[Event], int | None]:
+def generated_events(label: str, data: Any, reader: TokenReader) -> tuple[list[Event], int | None]:
     """Events of one non-streamed TGI answer (`{"generated_text", "details"}`), and its
     generated token count when the details carry it. Shared with the SageMaker adapter."""
     if not isinstance(data, dict) or not isinstance(data.get("generated_text"), str):
         raise UpstreamError(f"{label} answered without generated_text", backend=label)
     details = data.get("details") or {}
     out: list[Event] = []
-    if reply.logprobs is not None:
+    if reader.logprobs is not None:
         tops = details.get("top_tokens") or []
         for i, token in enumerate(details.get("tokens") or ()):
             if not token.get("special"):
-                reply.logprobs.add(token, tops[i] if i < len(tops) else [])
-    reply.text(data["generated_text"], out)
-    reply.finish(details.get("finish_reason"), out)
+                reader.logprobs.add(token, tops[i] if i < len(tops) else [])
+    reader.text(data["generated_text"], out)
+    reader.finish(details.get("finish_reason"), out)
     completion = details.get("generated_tokens")
     return out, completion if isinstance(completion, int) else None
 
@@ -413,32 +413,32 @@ class TGIBackend(Backend):
         top = parameters.get("top_n_tokens", 0)
         wants = request.params.get("logprobs")
         logprobs = _Logprobs(request.kind == "chat", top) if wants else None
-        reply = Reply(stops, logprobs)
+        reader = TokenReader(stops, logprobs)
         try:
             if request.stream:
-                async for batch in self._generate_stream(payload, reply):
+                async for batch in self._generate_stream(payload, reader):
                     yield batch
             else:
-                yield await self._generate(payload, reply)
+                yield await self._generate(payload, reader)
         except UpstreamError as exc:
             if not isinstance(exc, UpstreamRejected):
                 self.forget_info()
             raise
 
-    async def _generate(self, payload: dict[str, Any], reply: Reply) -> list[Event]:
+    async def _generate(self, payload: dict[str, Any], reader: TokenReader) -> list[Event]:
         async with self.http.post("/generate", payload) as resp:
             data = await self.http.read_json(resp)
             prompt_tokens = resp.headers.get("x-prompt-tokens")
-        out, completion = generated_events(self.label, data, reply)
+        out, completion = generated_events(self.label, data, reader)
         if prompt_tokens and prompt_tokens.isdigit() and isinstance(completion, int):
             out.append(Usage(int(prompt_tokens), completion))
         return out
 
     async def _generate_stream(
-        self, payload: dict[str, Any], reply: Reply
+        self, payload: dict[str, Any], reader: TokenReader
     ) -> AsyncIterator[list[Event]]:
         def take(event: ServerSentEvent, batch: list[Event]) -> bool:
-            return self._event(event.data, reply, batch)
+            return self._event(event.data, reader, batch)
 
         parser = ItemParser(self.label, SSEDecoder(), take)
         async with self.http.post("/generate_stream", payload) as resp:
@@ -446,19 +446,19 @@ class TGIBackend(Backend):
                 yield batch
         # leaving early (a stop string) closes the response: TGI stops generating
 
-    def _event(self, data: bytes, reply: Reply, out: list[Event]) -> bool:
+    def _event(self, data: bytes, reader: TokenReader, out: list[Event]) -> bool:
         """Handle one SSE event; True when the answer is complete."""
         event = load_json(self.label, data)
         if not isinstance(event, dict):
             raise UpstreamError(f"{self.label} sent an invalid stream event", backend=self.label)
         if event.get("error") is not None:
             raise event_error(self.label, event)
-        reply.token(event.get("token") or {}, event.get("top_tokens"), out)
+        reader.token(event.get("token") or {}, event.get("top_tokens"), out)
         final = event.get("generated_text") is not None
-        if not final and not reply.stopped:
+        if not final and not reader.stopped:
             return False
         details = (event.get("details") or {}) if final else {}
-        reply.finish(details.get("finish_reason"), out)
+        reader.finish(details.get("finish_reason"), out)
         if isinstance(details.get("input_length"), int) and isinstance(
             details.get("generated_tokens"), int
         ):

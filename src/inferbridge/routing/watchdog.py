@@ -1,12 +1,12 @@
 """`stream_idle_timeout` without a timer per chunk.
 
-`asyncio.timeout()` around every `__anext__` of a stream costs a Timeout object and a timer
-handle per chunk (about 6 us each, measured). `IdleWatchdog` keeps one timer per stream
-instead: the stream marks when it starts waiting for the upstream (`since`) and clears the
-mark when a batch arrives, two attribute writes per chunk. The timer fires at most once
-per `idle` seconds; when the stream has been waiting for longer than `idle` it cancels the
-task, and the stream turns that cancellation into an `UpstreamTimeout` (`expired()`), the
-way `asyncio.timeout` does, so a real cancellation (client gone) still propagates.
+Rather than an `asyncio.timeout()` (a Timeout object and a timer handle) around every
+`__anext__` of a stream, `IdleWatchdog` keeps one timer per stream: the stream marks when it
+starts waiting for the upstream (`since`) and clears the mark when a batch arrives, two
+attribute writes per chunk. The timer fires at most once per `idle` seconds; when the stream
+has been waiting for longer than `idle` it cancels the task, and the stream turns that
+cancellation into an `UpstreamTimeout` (`expired()`), the way `asyncio.timeout` does, so a
+real cancellation (client gone) still propagates.
 
 A stream suspended at its `yield` (the client is slow to read) is not waiting for the
 upstream, so it is not idle.
