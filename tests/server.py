@@ -56,6 +56,9 @@ class InferbridgeServer:
         return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, **kw)
 
     def start(self) -> InferbridgeServer:
+        server = self.config.server
+        self.uvicorn_options.setdefault("timeout_keep_alive", server.timeout_keep_alive)
+        self.uvicorn_options.setdefault("limit_concurrency", server.limit_concurrency)
         config = uvicorn.Config(
             create_app(self.config),
             host="127.0.0.1",

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
@@ -90,6 +91,16 @@ def create_app(config: Config | None = None) -> FastAPI:
     app.state.completions = CompletionService(gateway)
     include_routes(app)
     app.add_middleware(RequestGate, gateway=gateway)
+    cors = gateway.config.server.cors
+    if cors is not None:  # outside the gate: a preflight carries no key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors.allow_origins,
+            allow_methods=cors.allow_methods,
+            allow_headers=cors.allow_headers,
+            allow_credentials=cors.allow_credentials,
+            max_age=cors.max_age,
+        )
     add_error_handlers(app)
     return app
 

@@ -118,5 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=server.drain_timeout,
+        timeout_keep_alive=server.timeout_keep_alive,
+        limit_concurrency=server.limit_concurrency,
     )
     return 0

@@ -16,13 +16,42 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "os.environ/"
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message says where and why."""
+
+
+class TLSConfig(BaseModel):
+    """`tls:` of a model entry: how HTTPS connections to its upstream are verified."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ca_file: FilePath | None = Field(
+        default=None, description="PEM bundle of the CAs to trust instead of the system's."
+    )
+    verify: bool = Field(default=True, description="Verify the certificate and host name.")
+    client_cert: FilePath | None = Field(
+        default=None, description="PEM client certificate (mutual TLS); may hold the key."
+    )
+    client_key: FilePath | None = Field(default=None, description="PEM key of `client_cert`.")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TLSConfig:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("client_key needs client_cert")
+        return self
 
 
 class DeploymentConfig(BaseModel):
@@ -39,6 +68,25 @@ class DeploymentConfig(BaseModel):
     api_key: str | None = None
     timeout: float = Field(default=600.0, gt=0, description="Total seconds for one request.")
     connect_timeout: float = Field(default=10.0, gt=0)
+    # -- the HTTP client (HTTP backends; docs/configuration.md) --
+    read_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds without a byte from the upstream (for the head or the body).",
+    )
+    max_connections: int = Field(
+        default=100, ge=1, description="Connections open to each upstream origin at most."
+    )
+    pool_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a request may wait for a free connection."
+    )
+    max_response_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="Largest non-streamed answer body read."
+    )
+    proxy: str | None = Field(
+        default=None, description="HTTP proxy URL (else HTTP(S)_PROXY / NO_PROXY)."
+    )
+    tls: TLSConfig | None = None
     params: dict[str, Any] = Field(
         default_factory=dict, description="Default request parameters for this model."
     )
@@ -61,6 +109,13 @@ class DeploymentConfig(BaseModel):
     max_queue: int = Field(default=0, ge=0, description="Requests waiting for a free slot.")
     queue_timeout: float = Field(default=30.0, gt=0, description="Seconds one may wait.")
 
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
     @property
     def target_model(self) -> str:
         return self.upstream_model or self.name
@@ -69,6 +124,20 @@ class DeploymentConfig(BaseModel):
         """How error messages name this deployment: `backend 'vllm' (model mistral at URL)`."""
         where = f" at {self.url}" if self.url else ""
         return f"backend '{self.backend}' (model {self.name}{where})"
+
+
+class CorsConfig(BaseModel):
+    """`server.cors`: which web origins may call the API from a browser."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow_origins: list[str] = Field(min_length=1)
+    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST", "OPTIONS"])
+    allow_headers: list[str] = Field(
+        default_factory=lambda: ["authorization", "content-type", "api-key", "x-request-id"]
+    )
+    allow_credentials: bool = False
+    max_age: int = Field(default=600, ge=0)
 
 
 class ServerConfig(BaseModel):
@@ -84,6 +153,14 @@ class ServerConfig(BaseModel):
     drop_unsupported_params: bool = False
     log_prompts: bool = False
     """Log prompts and completions (off by default: they are private)."""
+    max_fanout: int = Field(default=16, ge=1)
+    """Choices one request may ask for at most: `n` times the number of prompts."""
+    limit_concurrency: int | None = Field(default=1000, ge=1)
+    """Connections and requests served at once; past it uvicorn answers 503."""
+    timeout_keep_alive: float = Field(default=5.0, gt=0)
+    """Seconds an idle keep-alive connection stays open."""
+    cors: CorsConfig | None = None
+    """Browser access from other origins (off by default)."""
     drain_timeout: float = Field(default=30.0, ge=0)
     """On shutdown, seconds in-flight requests may take to finish before they are cut."""
     access_log: bool = True

@@ -114,7 +114,20 @@ class Usage:
         return f"Usage({self.prompt_tokens}, {self.completion_tokens})"
 
 
-Event = TextDelta | ReasoningDelta | ToolCallDelta | Finish | Usage
+class SystemFingerprint:
+    """The upstream's `system_fingerprint` (the backend configuration that answered)."""
+
+    __slots__ = ("index", "value")
+
+    def __init__(self, value: str, index: int = 0) -> None:
+        self.value = value
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"SystemFingerprint({self.value!r})"
+
+
+Event = TextDelta | ReasoningDelta | ToolCallDelta | Finish | Usage | SystemFingerprint
 
 
 _FINISH_ALIASES = {

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from inferbridge.backends import registry
 from inferbridge.config import Config
-from inferbridge.errors import AuthenticationFailed
+from inferbridge.errors import AuthenticationFailed, InvalidRequest
 from inferbridge.events import Event
 from inferbridge.observability import Observability
 from inferbridge.request import InferenceRequest, RouteInfo
@@ -107,4 +107,11 @@ class Gateway:
         group = self.router.resolve(request.model)
         prompts = prompt_list(request)
         choices = request.n * (len(prompts) if prompts is not None else 1)
+        limit = self.config.server.max_fanout
+        if choices > limit:
+            raise InvalidRequest(
+                f"This request asks for {choices} choices (n times the number of prompts); "
+                f"at most {limit} are allowed (server.max_fanout).",
+                param="n",
+            )
         return routed_stream(self.router, group, request, route, self.drain), choices

@@ -35,6 +35,8 @@ class InferenceRequest:
     body: dict[str, Any] = field(default_factory=dict)
     """The client's original JSON body, for pass-through adapters."""
     request_id: str = ""
+    ignored: list[str] = field(default_factory=list)
+    """Parameters the adapter dropped instead of refusing (`drop_unsupported_params`)."""
 
     def copy(self) -> InferenceRequest:
         """A copy whose `params`, `extras` and `body` may be changed without touching this
@@ -50,6 +52,7 @@ class InferenceRequest:
             self.include_usage,
             dict(self.body),
             self.request_id,
+            [],
         )
 
     @property
@@ -77,6 +80,8 @@ class RouteInfo:
     attempts: int = 0
     fallback: bool = False
     """True when a fallback model answered (an alias resolving to a model is not one)."""
+    ignored: list[str] = field(default_factory=list)
+    """Parameters the answering deployment ignored (`InferenceRequest.ignored`)."""
 
 
 def message_text(content: Any) -> str:

@@ -427,8 +427,32 @@ def build_request(kind: Kind, data: dict[str, Any]) -> InferenceRequest:
     return normalize(kind, data)
 
 
+MAX_JSON_DEPTH = 64
+"""How deeply a request body's objects and arrays may nest."""
+
+
+def check_depth(data: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    """A 400 when `data` nests objects or arrays more than `limit` levels deep."""
+    level: list[Any] = [data]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            raise InvalidRequest(
+                f"The request body nests objects or arrays more than {limit} levels deep."
+            )
+        below: list[Any] = []
+        for value in level:
+            if isinstance(value, dict):
+                below.extend(v for v in value.values() if isinstance(v, dict | list))
+            elif isinstance(value, list):
+                below.extend(v for v in value if isinstance(v, dict | list))
+        level = below
+
+
 def normalize(kind: Kind, data: dict[str, Any]) -> InferenceRequest:
     """An `InferenceRequest` from a body already validated against `SCHEMAS[kind]`."""
+    check_depth(data)
     fields = _CHAT_FIELDS if kind == "chat" else _COMPLETION_FIELDS
     params: dict[str, Any] = {}
     extras: dict[str, Any] = {}

@@ -18,7 +18,15 @@ from typing import Any
 import orjson
 
 from inferbridge import ids
-from inferbridge.events import Event, Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
+from inferbridge.events import (
+    Event,
+    Finish,
+    ReasoningDelta,
+    SystemFingerprint,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from inferbridge.request import InferenceRequest
 from inferbridge.usage import estimate_prompt_tokens, estimate_tokens
 
@@ -84,17 +92,22 @@ class StreamEncoder:
         self.chat = request.kind == "chat"
         self.id = new_id(request.kind)
         self.created = int(time.time())
+        self._tail = b',"usage":null}\n\n' if request.include_usage else b"}\n\n"
+        self.tracker = ChoiceTracker(choices, keep_text)
+        self._set_head(None)
+
+    def _set_head(self, fingerprint: str | None) -> None:
+        """The bytes every chunk starts with (and those around choice 0's text, the most
+        common chunk); `system_fingerprint` only when the upstream gave one."""
         head: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": self.created,
-            "model": request.model,
-            "system_fingerprint": None,
+            "model": self.request.model,
         }
+        if fingerprint:
+            head["system_fingerprint"] = fingerprint
         self._head = b"data: " + orjson.dumps(head)[:-1] + b',"choices":'
-        self._tail = b',"usage":null}\n\n' if request.include_usage else b"}\n\n"
-        self.tracker = ChoiceTracker(choices, keep_text)
-        # The most common chunk, text for choice 0, is the same bytes around the text.
         if self.chat:
             opening = b'[{"index":0,"delta":{"content":'
             closing = b'},"logprobs":null,"finish_reason":null}]'
@@ -157,6 +170,8 @@ class StreamEncoder:
                 out.append(self._chunk([self._choice(ev.index, {}, None, reason)]))
             elif isinstance(ev, Usage):
                 tracker.usage = ev
+            elif isinstance(ev, SystemFingerprint):
+                self._set_head(ev.value)
             elif isinstance(ev, ReasoningDelta) and self.chat:
                 tracker.chars += len(ev.text)
                 out.append(self._chunk([self._choice(ev.index, {"reasoning_content": ev.text})]))
@@ -202,6 +217,7 @@ class ResponseAssembler:
         self.reasoning: dict[int, list[str]] = {}
         self.logprobs: dict[int, list[Any]] = {}
         self.calls: dict[int, dict[int, dict[str, Any]]] = {}
+        self.fingerprint: str | None = None
 
     def add(self, batch: Iterable[Event]) -> None:
         tracker = self.tracker
@@ -230,6 +246,8 @@ class ResponseAssembler:
                 tracker.usage = ev
             elif isinstance(ev, ReasoningDelta):
                 self.reasoning.setdefault(ev.index, []).append(ev.text)
+            elif isinstance(ev, SystemFingerprint):
+                self.fingerprint = ev.value
 
     def result(self) -> tuple[dict[str, Any], bool]:
         """The response object, and whether its usage is an estimate."""
@@ -256,15 +274,17 @@ class ResponseAssembler:
                     {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
                 )
         usage, estimated = tracker.final_usage(self.request)
-        return {
+        response: dict[str, Any] = {
             "id": new_id(self.request.kind),
             "object": "chat.completion" if self.chat else "text_completion",
             "created": int(time.time()),
             "model": self.request.model,
-            "system_fingerprint": None,
-            "choices": choices,
-            "usage": usage,
-        }, estimated
+        }
+        if self.fingerprint:
+            response["system_fingerprint"] = self.fingerprint
+        response["choices"] = choices
+        response["usage"] = usage
+        return response, estimated
 
 
 def _merge_logprobs(parts: list[Any] | None) -> Any:

@@ -113,11 +113,14 @@ class Exchange:
         """x-request-id, x-inferbridge-model (the model that answered, after fallbacks) and
         x-inferbridge-overhead-ms, computed when the response headers leave."""
         overhead = self.timer.overhead = self.timer.overhead_so_far()
-        return {
+        headers = {
             "x-request-id": self.request.request_id,
             "x-inferbridge-model": self.route.model,
             "x-inferbridge-overhead-ms": f"{overhead * 1000:.3f}",
         }
+        if self.route.ignored:
+            headers["x-inferbridge-ignored-params"] = ", ".join(dict.fromkeys(self.route.ignored))
+        return headers
 
     def as_error(self, exc: Exception) -> InferbridgeError:
         self.error = exc
@@ -211,7 +214,8 @@ class CompletionService:
         """The SSE body: the opening chunk and the first batch, then each batch as it
         arrives, then the closing chunks (or an error event if the stream broke)."""
         try:
-            yield encoder.opening() + encoder.encode(first)
+            data = encoder.encode(first)  # first: it may carry the system_fingerprint
+            yield encoder.opening() + data
             try:
                 async for batch in stream:
                     data = encoder.encode(batch)

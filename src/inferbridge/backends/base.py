@@ -28,8 +28,9 @@ Rules an adapter follows:
   batch.
 
 What the shared layer does for every adapter (see `prepare`): merge the entry's `params:`
-defaults, reject (400) or drop parameters the adapter does not declare, and fan out `n > 1`
-and several prompts when `native_n` is false.
+defaults, reject (400) or drop parameters the adapter does not declare (ignorable ones and
+neutral values are accepted and removed from `params`), and fan out `n > 1` and several
+prompts when `native_n` is false.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class Backend:
 
     Settings: ClassVar[type[DeploymentConfig]] = DeploymentConfig
     supported_params: ClassVar[frozenset[str]] = frozenset()
-    """OpenAI parameters (see OPENAI_PARAMS) this adapter honours."""
+    """OpenAI parameters (see OPENAI_PARAMS) this adapter honours. An ignorable one
+    (IGNORABLE_PARAMS) stays in `request.params` only when it is listed here."""
     supported_extras: ClassVar[frozenset[str]] = frozenset()
     """Non-OpenAI fields (top_k, min_p...) this adapter understands."""
     forwards_extras: ClassVar[bool] = False
@@ -95,9 +97,11 @@ class Backend:
                     request.body[key] = value
         supported = self.supported_params
         for key in list(request.params):
-            if key in supported or key in IGNORABLE_PARAMS:
+            if key in supported:
                 continue
-            if is_neutral(request.params, key):
+            if key in IGNORABLE_PARAMS or is_neutral(request.params, key):
+                # Accepted, and gone from `params`: an adapter building its upstream body
+                # from `params` can not forward it (`body` keeps it for pass-through).
                 del request.params[key]
                 continue
             self._unsupported(request, key, "params")
@@ -122,6 +126,7 @@ class Backend:
     def _unsupported(self, request: InferenceRequest, key: str, where: str) -> None:
         if not self.drop_unsupported:
             raise UnsupportedParameter(key, request.model, self.config.backend)
+        request.ignored.append(key)
         getattr(request, where).pop(key, None)
         request.body.pop(key, None)
         if key == "max_tokens":

@@ -32,6 +32,9 @@ def _words(text: str) -> list[str]:
 
 
 class EchoBackend(Backend):
+    """Accepts every parameter: the ones it does not act on are ignored and named in the
+    `x-inferbridge-ignored-params` response header (it stands in for any backend)."""
+
     Settings = EchoSettings
     supported_params = frozenset(
         {
@@ -44,6 +47,10 @@ class EchoBackend(Backend):
             "frequency_penalty",
         }
     )
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        super().__init__(config)
+        self.drop_unsupported = True
 
     async def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
         assert isinstance(self.config, EchoSettings)

@@ -37,6 +37,7 @@ from inferbridge.events import (
     Event,
     Finish,
     ReasoningDelta,
+    SystemFingerprint,
     TextDelta,
     ToolCallDelta,
     Usage,
@@ -111,6 +112,9 @@ def _events(data: dict[str, Any], chat: bool, whole: bool) -> list[Event]:
     usage = data.get("usage")
     if usage:
         out.append(usage_event(usage))
+    fingerprint = data.get("system_fingerprint")
+    if fingerprint and isinstance(fingerprint, str):
+        out.append(SystemFingerprint(fingerprint))
     return out
 
 

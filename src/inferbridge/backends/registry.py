@@ -62,5 +62,5 @@ def settings_class(name: str) -> type[DeploymentConfig]:
 def create(config: DeploymentConfig, *, drop_unsupported_default: bool = False) -> Backend:
     backend = backend_class(config.backend)(config)
     drop = config.drop_unsupported_params
-    backend.drop_unsupported = drop_unsupported_default if drop is None else drop
+    backend.drop_unsupported |= drop_unsupported_default if drop is None else drop
     return backend

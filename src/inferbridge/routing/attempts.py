@@ -139,7 +139,7 @@ async def _try_model(
         stream: Batches | None = None
         started = clock()
         try:
-            stream = start_attempt(backend, request)
+            stream = start_attempt(backend, request, route)
             first = await _first_batch(stream, dep, request.stream)
         except UpstreamError as exc:
             router.release(dep)
@@ -231,7 +231,9 @@ def retry_after_seconds(value: str) -> float | None:
 
 
 # -- one attempt on one deployment ----------------------------------------------------------
-def start_attempt(backend: Backend, original: InferenceRequest) -> Batches:
+def start_attempt(
+    backend: Backend, original: InferenceRequest, route: RouteInfo | None = None
+) -> Batches:
     """Prepare a copy of the request for `backend` and start it (fanning out n > 1 and
     prompt lists for backends that cannot do them natively)."""
     request = original.copy()
@@ -240,6 +242,8 @@ def start_attempt(backend: Backend, original: InferenceRequest) -> Batches:
         request.params.pop("n", None)
         request.body.pop("n", None)
     backend.prepare(request)
+    if route is not None:
+        route.ignored = request.ignored
     prompts = prompt_list(request)
     if backend.native_n or (n == 1 and (prompts is None or len(prompts) == 1)):
         if prompts is not None and len(prompts) == 1:
