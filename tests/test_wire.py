@@ -1,13 +1,9 @@
-"""The hot routes on the wire, under both transports that can serve them.
+"""The API on the wire: the one serving path (the FastAPI app behind `RequestGate`, under
+uvicorn's `httptools` protocol), over raw sockets where the exact bytes matter (framing,
+keep-alive, HTTP/1.0, interim responses, pipelining, body limits, request ids, closes) and
+httpx otherwise.
 
-`inferbridge serve` runs `InferbridgeHttpProtocol`, which answers `POST /v1/chat/completions`
-and `/v1/completions` (with or without `/v1`) straight from the connection; the same
-endpoint also runs as plain ASGI under uvicorn's `httptools` protocol. Every test here runs
-against both, over raw sockets where the exact bytes matter (framing, keep-alive, pipelining,
-interim responses, closes) and httpx otherwise.
-
-Tests marked xfail(strict=True) pin a known wrong behaviour of one transport (see their
-reasons): they start failing, as XPASS, the day it is fixed.
+Requests with a body say `Content-Type: application/json` (anything else is a 415).
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ import httpx
 import orjson
 import pytest
 
-from inferbridge.cli import HTTP_PROTOCOL
 from tests.server import InferbridgeServer
 
 LIMIT = 1000
@@ -35,12 +30,11 @@ CONFIG: dict[str, Any] = {
         {"name": "slow", "backend": "echo", "delay": 0.05},
     ],
 }
-INFERBRIDGE = HTTP_PROTOCOL
-ASGI = "httptools"
 CHAT = "/v1/chat/completions"
 TOO_LARGE = {
     "error": {
-        "message": f"The request body is larger than the limit of {LIMIT} bytes.",
+        "message": f"The request body is larger than the limit of {LIMIT} bytes "
+        "(server.max_body_bytes).",
         "type": "invalid_request_error",
         "param": None,
         "code": "request_too_large",
@@ -52,53 +46,16 @@ TOO_LARGE = {
 
 
 @pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, InferbridgeServer]]:
-    """One server per transport for the whole module, started on first use."""
-    started: dict[str, InferbridgeServer] = {}
-
-    class Lazy(dict):  # type: ignore[type-arg]
-        def __missing__(self, http: str) -> InferbridgeServer:
-            server = started[http] = self[http] = InferbridgeServer(CONFIG, http=http).start()
-            return server
-
-    yield Lazy()
-    for server in started.values():
-        server.stop()
+def server() -> Iterator[InferbridgeServer]:
+    """One server for the whole module."""
+    with InferbridgeServer(CONFIG) as server:
+        yield server
 
 
-@pytest.fixture(params=[pytest.param(INFERBRIDGE, id="inferbridge"), pytest.param(ASGI, id="asgi")])
-def server(request: pytest.FixtureRequest, servers: dict[str, InferbridgeServer]):
-    return servers[request.param]
-
-
-def transports(
-    *,
-    inferbridge_bug: str | None = None,
-    asgi_bug: str | None = None,
-    raises: type[BaseException] = AssertionError,
-    fixture: str = "server",
-) -> Any:
-    """Both transports (for `fixture`), with a strict xfail on the one(s) with a known bug
-    (failing with `raises`: any other error is a plain failure)."""
-
-    def param(http: str, name: str, bug: str | None) -> Any:
-        marks = [pytest.mark.xfail(strict=True, reason=bug, raises=raises)] if bug else []
-        return pytest.param(http, id=name, marks=marks)
-
-    return pytest.mark.parametrize(
-        fixture,
-        [param(INFERBRIDGE, "inferbridge", inferbridge_bug), param(ASGI, "asgi", asgi_bug)],
-        indirect=True,
-    )
-
-
-@pytest.fixture
-def own_server(request: pytest.FixtureRequest) -> Iterator[InferbridgeServer]:
-    """A server for one test that may leave a connection stuck open: the connections still
-    open at the end are closed from the server's loop, else the graceful shutdown would
-    wait for them for ever (and `stop` give up after 10 s)."""
-    server = InferbridgeServer(CONFIG, http=request.param).start()
-    yield server
+def close_connections_and_stop(server: InferbridgeServer) -> None:
+    """Stop a server that may have a connection stuck open: the connections still open are
+    closed from the server's loop first, else the graceful shutdown would wait for them for
+    ever (and `stop` give up after 10 s)."""
     assert server._server is not None and server.loop is not None
     connections = server._server.server_state.connections
     closed = threading.Event()
@@ -111,6 +68,14 @@ def own_server(request: pytest.FixtureRequest) -> Iterator[InferbridgeServer]:
     server.loop.call_soon_threadsafe(close_all)
     closed.wait(5)
     server.stop()
+
+
+@pytest.fixture
+def own_server() -> Iterator[InferbridgeServer]:
+    """A server for one test that may leave a connection stuck open."""
+    server = InferbridgeServer(CONFIG).start()
+    yield server
+    close_connections_and_stop(server)
 
 
 # -- raw HTTP/1.1 client --------------------------------------------------------------------
@@ -340,7 +305,6 @@ def test_whole_response_and_keep_alive(server):
         assert not conn.closed_by_server(timeout=0.2)
 
 
-@transports()
 def test_whole_responses_are_content_length_framed(server):
     with Conn(server) as conn:
         conn.send(request(chat("framed by length")))
@@ -388,26 +352,24 @@ def test_slow_stream_arrives_in_several_chunks(server):
     assert all(chunk.endswith(b"\n\n") for chunk in stream.chunks)
 
 
-def test_stream_bytes_identical_on_both_transports(servers):
-    # The exact bytes, chunk-size lines included, compared after masking what varies.
-    def raw_bytes(http: str) -> bytes:
-        with Conn(servers[http]) as conn:
-            conn.send(
-                request(
-                    chat("same bytes please", stream=True),
-                    headers=(("x-request-id", "same-id"),),
-                )
-            )
-            conn.read_response()
-            raw = conn.raw
-        raw = re.sub(rb"date: [^\r]*", b"date: -", raw)
-        raw = re.sub(rb"x-inferbridge-overhead-ms: [0-9.]+", b"x-inferbridge-overhead-ms: -", raw)
-        raw = re.sub(rb'"chatcmpl-[0-9a-z]+"', b'"chatcmpl-?"', raw)
-        return re.sub(rb'"created":\d+', b'"created":0', raw)
-
-    ours, asgi = raw_bytes(INFERBRIDGE), raw_bytes(ASGI)
-    assert b"data: [DONE]\n\n\r\n0\r\n\r\n" in ours
-    assert ours == asgi
+def test_stream_framing_bytes(server):
+    """The exact framing of a stream: each HTTP chunk holds whole SSE events, `[DONE]` is
+    the last event and the zero-length chunk ends the body, with nothing after it."""
+    with Conn(server) as conn:
+        conn.send(
+            request(chat("same bytes please", stream=True), headers=(("x-request-id", "same-id"),))
+        )
+        stream = conn.read_response()
+        assert not conn.buf
+        raw = conn.raw
+    assert streamed_text(stream) == "same bytes please"
+    assert stream.header("x-request-id") == "same-id"
+    assert stream.header("transfer-encoding") == "chunked"
+    assert stream.header("content-length") is None and stream.header("connection") is None
+    for chunk in stream.chunks:
+        assert re.fullmatch(rb"(data: [^\n]+\n\n)+", chunk), chunk
+    assert stream.chunks[-1] == b"data: [DONE]\n\n"
+    assert raw.endswith(b"\n\n\r\ne\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"), raw[-60:]
 
 
 # -- 3. HTTP/1.0 and connection: close -----------------------------------------------------
@@ -427,7 +389,6 @@ def test_no_keep_alive_closes(server, version, headers):
         assert conn.closed_by_server()
 
 
-@transports()
 def test_http10_whole_response_is_not_chunked(server):
     with Conn(server) as conn:
         conn.send(request(chat("old client"), version="1.0"))
@@ -436,11 +397,10 @@ def test_http10_whole_response_is_not_chunked(server):
     assert response.header("content-length") == str(len(response.body))
 
 
-@transports(
-    asgi_bug="uvicorn's httptools protocol chunks a length-less response to HTTP/1.0 "
-    "(RFC 9112 section 6.1); the inferbridge protocol sends it unframed and closes",
-)
 def test_http10_stream_is_not_chunked(server):
+    """An HTTP/1.0 client does not know chunked framing (RFC 9112 section 6.1: no
+    Transfer-Encoding in an answer to an HTTP/1.0 request): a stream goes unframed, ended
+    by the close."""
     with Conn(server) as conn:
         conn.send(request(chat("old stream", stream=True), version="1.0"))
         response = conn.read_response(eof_framed=True)
@@ -469,14 +429,25 @@ def test_expect_100_continue_refused_when_too_large(server):
     with Conn(server) as conn:
         conn.send(
             f"POST {CHAT} HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
-            f"content-length: {LIMIT + 1}\r\n\r\n".encode()
+            f"content-type: application/json\r\ncontent-length: {LIMIT + 1}\r\n\r\n".encode()
         )
         response = conn.read_response()
     assert response.status == 413  # no 100 Continue first: the body is not wanted
     assert response.json() == TOO_LARGE
 
 
-# -- 5. body size limit ---------------------------------------------------------------------
+def test_expect_100_continue_refused_without_json_content_type(server):
+    with Conn(server) as conn:
+        conn.send(
+            f"POST {CHAT} HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+            "content-type: text/plain\r\ncontent-length: 10\r\n\r\n".encode()
+        )
+        response = conn.read_response()  # a 415, not a 100 Continue
+    error = assert_envelope(response, 415)
+    assert error["code"] == "unsupported_media_type"
+
+
+# -- 5. body size and time limits -----------------------------------------------------------
 
 
 def test_declared_length_over_limit(server):
@@ -487,8 +458,16 @@ def test_declared_length_over_limit(server):
             f"x-request-id: big-one\r\ncontent-length: {LIMIT + 1}\r\n\r\n".encode()
         )
         response = conn.read_response()
-    assert_envelope(response, 413)
-    assert response.json() == TOO_LARGE
+        assert_envelope(response, 413)
+        assert response.json() == TOO_LARGE
+        # The unread body must not be taken for the next request (RFC 9110 section 10.1.1):
+        # either the server closes the connection and says so, or it reads the refused
+        # body, drops it and serves the next request.
+        if response.header("connection") == "close":
+            assert conn.closed_by_server()
+        else:
+            conn.send(b"x" * (LIMIT + 1) + request(chat("after the refused body")))
+            assert answer(conn.read_response()) == "after the refused body"
     assert response.header("x-request-id") == "big-one"
 
 
@@ -521,6 +500,43 @@ def test_body_at_limit_is_accepted(server):
         assert conn.read_response().json() == TOO_LARGE
 
 
+def test_body_not_json_is_refused_before_it_is_read(server):
+    with Conn(server) as conn:
+        conn.send(
+            f"POST {CHAT} HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\n"
+            "content-length: 5\r\n\r\nhello".encode()
+        )
+        error = assert_envelope(conn.read_response(), 415)
+        assert error["code"] == "unsupported_media_type" and error["param"] == "Content-Type"
+        conn.send(request(chat("json now")))
+        assert answer(conn.read_response()) == "json now"
+
+
+@pytest.fixture
+def slow_body_server() -> Iterator[InferbridgeServer]:
+    """A server that waits 0.3 s at most for a request body."""
+    server = InferbridgeServer({**CONFIG, "server": {**CONFIG["server"], "body_timeout": 0.3}})
+    server.start()
+    yield server
+    close_connections_and_stop(server)
+
+
+def test_body_too_slow(slow_body_server):
+    body = orjson.dumps(chat("slow body"))
+    with Conn(slow_body_server) as conn:
+        conn.send(request(body)[: -len(body) // 2])  # half the body, then nothing
+        started = time.monotonic()
+        response = conn.read_response()
+        waited = time.monotonic() - started
+        error = assert_envelope(response, 408)
+        assert error["code"] == "request_timeout"
+        assert 0.25 < waited < 2, waited
+        # The body will not be read any further: the connection is closed (RFC 9110
+        # section 15.5.9), so the rest cannot be taken for the next request.
+        assert response.header("connection") == "close"
+        assert conn.closed_by_server()
+
+
 # -- 6. pipelining --------------------------------------------------------------------------
 
 
@@ -544,7 +560,6 @@ def test_pipelined_requests_answered_in_order(server):
     assert fourth.json()["choices"][0]["text"] == "fourth"
 
 
-@transports(fixture="own_server")
 def test_pipelined_request_whose_body_arrives_after_previous_response(own_server):
     second = request(chat("late body"))
     head, _, body = second.partition(b"\r\n\r\n")
@@ -555,7 +570,6 @@ def test_pipelined_request_whose_body_arrives_after_previous_response(own_server
         assert answer(conn.read_response()) == "late body"
 
 
-@transports()
 def test_pipelined_too_large_waits_for_previous_response(server):
     with Conn(server) as conn:
         conn.send(request(chat("a b c d e", model="slow", stream=True)))
@@ -563,13 +577,13 @@ def test_pipelined_too_large_waits_for_previous_response(server):
         assert first.status == 200
         # the next request, sent while the first response is being streamed
         conn.send(
-            f"POST {CHAT} HTTP/1.1\r\nhost: x\r\ncontent-length: {LIMIT + 1}\r\n\r\n".encode()
+            f"POST {CHAT} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"content-length: {LIMIT + 1}\r\n\r\n".encode()
         )
         assert streamed_text(conn.read_body(first)) == "a b c d e"
         assert conn.read_response().json() == TOO_LARGE
 
 
-@transports()
 def test_pipelined_expect_100_waits_for_previous_response(server):
     body = orjson.dumps(chat("second"))
     head = request(body, headers=(("expect", "100-continue"),)).partition(b"\r\n\r\n")[0]
@@ -643,10 +657,6 @@ def test_disconnect_mid_stream_cancels_upstream(server):
         assert answer(conn.read_response()) == "and here"
 
 
-@transports(
-    asgi_bug="uvicorn tells only the cycle it read last of the disconnect: the stream ahead "
-    "of it runs on until a write to the closed connection fails"
-)
 def test_disconnect_with_a_pipelined_request_behind_the_stream(server):
     """The stream being answered is cancelled even though the request the connection read
     last is the pipelined one behind it, and that one never reaches a backend."""
@@ -672,54 +682,12 @@ def requests_total(server: InferbridgeServer, model: str) -> float:
     return sum(float(n) for n in found)
 
 
-# -- 9. the connection's worker and keep-alive ----------------------------------------------
-
-
-def first_hot_request(server: InferbridgeServer, conn: Conn) -> tuple[Any, Any]:
-    """Make one hot request on `conn`; the server's state and the connection's protocol."""
-    assert server._server is not None
-    state = server._server.server_state
-    conn.send(request(chat("one")))
-    assert answer(conn.read_response()) == "one"
-    (protocol,) = state.connections
-    return state, protocol
-
-
-def test_one_worker_per_connection_counted_only_while_serving():
-    """Hot requests on one connection run in one worker task; between requests it is not in
-    uvicorn's `tasks` (what graceful shutdown and limit_concurrency count), and it ends
-    with its connection."""
-    with InferbridgeServer(CONFIG) as server:
-        with Conn(server) as conn:
-            state, protocol = first_hot_request(server, conn)
-            worker = protocol.worker
-            assert worker is not None and not worker.done()
-            for text in ("two", "three"):
-                conn.send(request(chat(text)))
-                assert answer(conn.read_response()) == text
-                assert protocol.worker is worker
-            assert wait_until(lambda: not state.tasks)
-        assert wait_until(worker.done)
-        assert protocol.worker is None and not worker.cancelled()
-
-
-def test_connection_addresses_looked_up_only_for_asgi_requests():
-    """An ASGI request's scope has the client's and the server's addresses; a connection
-    that only makes hot requests never looks them up (system calls, per connection)."""
-    with InferbridgeServer(CONFIG) as server, Conn(server) as conn:
-        _, protocol = first_hot_request(server, conn)
-        assert protocol.client is None and protocol.server is None
-        conn.send(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
-        assert conn.read_response().json() == {"status": "ok"}
-        assert protocol.scope["client"] == conn.sock.getsockname()[:2]
-        assert protocol.scope["server"] == conn.sock.getpeername()[:2]
-        conn.send(request(chat("two")))  # hot again, on the same connection
-        assert answer(conn.read_response()) == "two"
+# -- 9. keep-alive and servers side by side -------------------------------------------------
 
 
 def test_servers_in_one_process_each_serve_their_own_app():
-    """The hot routes a connection serves are its own server's (they are looked up once
-    per app, not per connection), with two servers of different models running at once."""
+    """Each connection is served by its own server's app, with two servers of different
+    models running at once in one process."""
     with (
         InferbridgeServer({"models": [{"name": "first", "backend": "echo"}]}) as first,
         InferbridgeServer({"models": [{"name": "second", "backend": "echo"}]}) as second,
@@ -733,7 +701,13 @@ def test_servers_in_one_process_each_serve_their_own_app():
                     assert_envelope(conn.read_response(), 404)
 
 
-@transports(fixture="keep_alive_server")
+@pytest.fixture
+def keep_alive_server() -> Iterator[InferbridgeServer]:
+    """A server whose idle connections are closed after 0.5 s."""
+    with InferbridgeServer(CONFIG, timeout_keep_alive=0.5) as server:
+        yield server
+
+
 def test_idle_connection_closed_after_keep_alive_timeout(keep_alive_server):
     server = keep_alive_server
     with Conn(server) as conn:
@@ -748,17 +722,10 @@ def test_idle_connection_closed_after_keep_alive_timeout(keep_alive_server):
         assert 0.45 < idle < 0.9, idle
 
 
-@pytest.fixture
-def keep_alive_server(request: pytest.FixtureRequest) -> Iterator[InferbridgeServer]:
-    """A server whose idle connections are closed after 0.5 s."""
-    with InferbridgeServer(CONFIG, http=request.param, timeout_keep_alive=0.5) as server:
-        yield server
+# -- 10. other routes -----------------------------------------------------------------------
 
 
-# -- 10. requests that are not hot ----------------------------------------------------------
-
-
-def test_other_routes_untouched(server):
+def test_other_routes(server):
     with httpx.Client(base_url=server.url) as client:
         missing = client.post("/v1/nope", json=chat("x"))
         assert missing.status_code == 404
@@ -772,22 +739,22 @@ def test_other_routes_untouched(server):
         }
         health = client.get("/health")
         assert health.status_code == 200 and health.json() == {"status": "ok"}
-        not_post = client.get(CHAT)  # a hot path, but not a hot method
-        assert not_post.status_code in (404, 405)
+        not_post = client.get(CHAT)  # a completion path, but not its method
+        assert not_post.status_code == 405
         assert not_post.json()["error"]["message"].endswith(f"GET {CHAT}")
-        # a hot request on the same (kept-alive) connection after the cold ones
+        # a completion on the same (kept-alive) connection after the other routes
         assert (
-            client.post(CHAT, json=chat("hot again")).json()["choices"][0]["message"]["content"]
-            == "hot again"
+            client.post(CHAT, json=chat("again")).json()["choices"][0]["message"]["content"]
+            == "again"
         )
 
 
-def test_hot_and_cold_on_one_connection(server):
+def test_completions_and_other_routes_on_one_connection(server):
     with Conn(server) as conn:
         conn.send(request(chat("x"), "/v1/nope"))
         assert_envelope(conn.read_response(), 404)
-        conn.send(request(chat("hot")))
-        assert answer(conn.read_response()) == "hot"
+        conn.send(request(chat("completion")))
+        assert answer(conn.read_response()) == "completion"
         conn.send(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
         assert conn.read_response().json() == {"status": "ok"}
 
@@ -818,15 +785,3 @@ def test_malformed_body(server, body, message):
         # the connection is still good
         ok = client.post(CHAT, json=chat("fine now"))
         assert ok.json()["choices"][0]["message"]["content"] == "fine now"
-
-
-def test_default_headers_are_encoded_again_when_uvicorn_replaces_them():
-    """The hot routes reuse the encoded `date`/`server` lines until uvicorn's once-a-second
-    tick replaces the list."""
-    from inferbridge.api.http_protocol import _encoded
-
-    first = [(b"date", b"Sat, 21 Nov 2026 10:00:00 GMT"), (b"server", b"uvicorn")]
-    assert _encoded(first) == b"date: Sat, 21 Nov 2026 10:00:00 GMT\r\nserver: uvicorn\r\n"
-    assert _encoded(first) is _encoded(first)
-    later = [(b"date", b"Sat, 21 Nov 2026 10:00:01 GMT"), (b"server", b"uvicorn")]
-    assert _encoded(later) == b"date: Sat, 21 Nov 2026 10:00:01 GMT\r\nserver: uvicorn\r\n"
