@@ -84,28 +84,34 @@ def test_sdk_raises_bad_request(echo_server):
     assert info.value.param == "messages"
 
 
-def test_unsupported_parameter_is_400_unless_dropped(serve):
-    srv = serve(
-        {
-            "models": [
-                {"name": "strict", "backend": "echo"},
-                {"name": "lenient", "backend": "echo", "drop_unsupported_params": True},
-            ]
-        }
-    )
-    client = srv.openai()
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="strict", messages=USER, logprobs=True)
+def test_unsupported_parameter_is_400_unless_dropped():
+    """The shared policy (`Backend.prepare`) for an adapter that declares few parameters."""
+    from inferbridge.api.protocol import build_request
+    from inferbridge.backends.base import Backend
+    from inferbridge.config import DeploymentConfig
+    from inferbridge.errors import UnsupportedParameter
+
+    class Strict(Backend):
+        supported_params = frozenset({"max_tokens"})
+
+    def prepared(drop: bool, **fields):
+        backend = Strict(DeploymentConfig(name="strict", backend="strict"))
+        backend.drop_unsupported = drop
+        return backend.prepare(
+            build_request("chat", {"model": "strict", "messages": USER, **fields})
+        )
+
+    with pytest.raises(UnsupportedParameter) as info:
+        prepared(False, logprobs=True)
     assert info.value.param == "logprobs"
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="strict", messages=USER, extra_body={"top_k": 3})
+    with pytest.raises(UnsupportedParameter) as info:
+        prepared(False, top_k=3)
     assert info.value.param == "top_k"
-    r = client.chat.completions.create(
-        model="lenient", messages=USER, logprobs=True, extra_body={"top_k": 3}
-    )
-    assert r.choices[0].message.content == "alpha beta gamma delta"
+    lenient = prepared(True, logprobs=True, top_k=3)
+    assert "logprobs" not in lenient.params and "top_k" not in lenient.extras
+    assert lenient.ignored == ["logprobs", "top_k"]
     # neutral values are not a use of an unsupported parameter
-    client.chat.completions.create(model="strict", messages=USER, n=1, logprobs=False)
+    assert prepared(False, n=1, logprobs=False).ignored == []
 
 
 def test_max_tokens_and_stop(echo_server):

@@ -27,7 +27,12 @@ from inferbridge import __version__
 from inferbridge.api.gate import RequestGate
 from inferbridge.api.protocol import invalid_body
 from inferbridge.api.routes import include_routes
-from inferbridge.api.serving import CompletionService, error_response
+from inferbridge.api.serving import (
+    CompletionService,
+    error_response,
+    internal_error,
+    request_id_of,
+)
 from inferbridge.config import Config, load_config
 from inferbridge.errors import InferbridgeError
 from inferbridge.gateway import Gateway
@@ -50,6 +55,14 @@ def settle_heap() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
+def auth_state(config: Config) -> str:
+    if config.auth.keys:
+        return f"on ({len(config.auth.keys)} key(s))"
+    if config.auth.api_keys:
+        return "OFF (INFERBRIDGE_AUTH=off)"
+    return "off (no keys configured)"
+
+
 def config_from_env() -> Config:
     """The config `inferbridge serve` hands each worker process: the file named by
     INFERBRIDGE_CONFIG, the INFERBRIDGE_* variables and the command line's overrides."""
@@ -69,9 +82,10 @@ def create_app(config: Config | None = None) -> FastAPI:
         await gateway.start()
         settle_heap()
         log.info(
-            "inferbridge %s serving models: %s",
+            "inferbridge %s serving models: %s; auth %s",
             __version__,
             ", ".join(gateway.router.models) or "(none)",
+            auth_state(gateway.config),
         )
         try:
             yield
@@ -109,12 +123,12 @@ def add_error_handlers(app: FastAPI) -> None:
     """Every error a client sees is an OpenAI envelope."""
 
     @app.exception_handler(InferbridgeError)
-    async def on_error(_: Request, exc: InferbridgeError) -> Response:
-        return error_response(exc)
+    async def on_error(request: Request, exc: InferbridgeError) -> Response:
+        return error_response(exc, request_id_of(request))
 
     @app.exception_handler(RequestValidationError)
-    async def on_invalid(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(invalid_body(exc.errors()))
+    async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(invalid_body(exc.errors()), request_id_of(request))
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, exc: HTTPException) -> Response:
@@ -123,9 +137,10 @@ def add_error_handlers(app: FastAPI) -> None:
             detail = f"{detail}: {request.method} {request.url.path}"
         err = InferbridgeError(detail, status=exc.status_code, headers=exc.headers)
         err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(err)
+        return error_response(err, request_id_of(request))
 
     @app.exception_handler(Exception)
-    async def on_unexpected(_: Request, exc: Exception) -> Response:
-        log.error("unexpected error", exc_info=exc)
-        return error_response(InferbridgeError("Internal error in inferbridge."))
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        request_id = request_id_of(request)
+        log.error("request %s: unexpected error", request_id, exc_info=exc)
+        return error_response(internal_error(request_id), request_id)

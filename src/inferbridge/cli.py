@@ -96,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     server = config.server
+    if not config.auth.keys and not server.loopback() and not server.allow_open:
+        print(
+            f"inferbridge: refusing to serve on {server.host} without API keys: anyone who "
+            "reaches this address could spend your upstreams. Configure auth.api_keys, or "
+            "set server.allow_open: true (INFERBRIDGE_ALLOW_OPEN=true) if that is meant.",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(
         level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

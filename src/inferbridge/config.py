@@ -11,6 +11,8 @@ variables, command-line flags.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -165,17 +167,45 @@ class ServerConfig(BaseModel):
     """On shutdown, seconds in-flight requests may take to finish before they are cut."""
     access_log: bool = True
     """One JSON line per request on stderr (ids, model, status, timings, token counts)."""
+    allow_open: bool = False
+    """Serve without API keys on an address other than loopback (refused otherwise)."""
+    metrics_auth: bool = False
+    """`/metrics` needs an API key too."""
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    """Request headers larger than this, all together, are refused (431)."""
+
+    def loopback(self) -> bool:
+        """Whether `host` is reachable from this machine only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
 
 class AuthConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    enabled: bool = True
+    """False only when meant: `INFERBRIDGE_AUTH=off` (the start-up line says so)."""
     api_keys: list[str] = Field(default_factory=list)
 
     @field_validator("api_keys")
     @classmethod
     def _non_empty(cls, keys: list[str]) -> list[str]:
-        return [k for k in keys if k]
+        for i, key in enumerate(keys):
+            if not key.strip():
+                raise ValueError(
+                    f"key {i} is empty (an os.environ/ variable set to nothing?); "
+                    "remove it, or set INFERBRIDGE_AUTH=off to serve without keys"
+                )
+        return keys
+
+    @property
+    def keys(self) -> list[str]:
+        """The keys in force: none when auth is turned off."""
+        return self.api_keys if self.enabled else []
 
 
 Strategy = Literal["simple-shuffle", "least-busy", "latency-based"]
@@ -256,14 +286,25 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
         value = env.get(f"INFERBRIDGE_{key.upper()}")
         if value:
             server[key] = value
-    for key in ("drop_unsupported_params", "log_prompts", "access_log"):
+    for key in ("drop_unsupported_params", "log_prompts", "access_log", "allow_open"):
         value = env.get(f"INFERBRIDGE_{key.upper()}")
         if value:
             server[key] = value.strip().lower() in ("1", "true", "yes", "on")
     out: dict[str, Any] = {"server": server} if server else {}
-    keys = env.get("INFERBRIDGE_API_KEYS")
-    if keys is not None:
-        out["auth"] = {"api_keys": [k.strip() for k in keys.split(",") if k.strip()]}
+    auth: dict[str, Any] = {}
+    keys = [k.strip() for k in env.get("INFERBRIDGE_API_KEYS", "").split(",") if k.strip()]
+    if keys:
+        auth["api_keys"] = keys
+    elif "INFERBRIDGE_API_KEYS" in env:
+        logging.getLogger("inferbridge").warning(
+            "INFERBRIDGE_API_KEYS is set but empty: ignored (the config's keys stay in force; "
+            "INFERBRIDGE_AUTH=off turns auth off)"
+        )
+    switch = env.get("INFERBRIDGE_AUTH", "").strip().lower()
+    if switch in ("off", "false", "0", "no"):
+        auth["enabled"] = False
+    if auth:
+        out["auth"] = auth
     return out
 
 

@@ -35,7 +35,7 @@ class Gateway:
             registry.create(entry, drop_unsupported_default=drop) for entry in config.models
         ]
         self.router = Router(self.backends, config.router, config.model_aliases)
-        self._keys = [key.encode() for key in config.auth.api_keys]
+        self._keys = [key.encode() for key in config.auth.keys]
         self.observability = Observability(
             log_prompts=config.server.log_prompts, access_log=config.server.access_log
         )

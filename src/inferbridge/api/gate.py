@@ -1,6 +1,7 @@
 """The checks every API request passes before a route sees it, as plain ASGI middleware.
 
 `RequestGate` runs on the headers, before any body is read:
+- their total size (`server.max_header_bytes`, 431);
 - the API key (401 as soon as the headers are in, so a client without a key cannot make
   the server buffer a body);
 - for POST requests: the content type must be JSON (415), and a
@@ -19,12 +20,14 @@ import asyncio
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from inferbridge import ids
 from inferbridge.errors import InferbridgeError, PayloadTooLarge
 from inferbridge.gateway import Gateway
 
 PUBLIC_PATHS = frozenset(
     {"/health", "/health/readiness", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
 )
+"""Paths served without a key (`/metrics` too, unless `server.metrics_auth`)."""
 BODY_METHODS = frozenset({"POST"})
 
 
@@ -32,6 +35,12 @@ class UnsupportedMediaType(InferbridgeError):
     status = 415
     type = "invalid_request_error"
     code = "unsupported_media_type"
+
+
+class HeadersTooLarge(InferbridgeError):
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
 
 
 class RequestTimeout(InferbridgeError):
@@ -47,12 +56,27 @@ def is_json(content_type: str | None) -> bool:
     return content_type.split(";", 1)[0].strip().lower() == "application/json"
 
 
-async def send_error(send: Send, exc: InferbridgeError) -> None:
+def request_id_of(headers: Headers) -> str:
+    """The client's `x-request-id` when it is a sane token, else a new id."""
+    given = headers.get("x-request-id")
+    if given and len(given) <= 200 and given.isascii() and given.isprintable():
+        return given
+    return ids.new_id()
+
+
+async def send_error(
+    send: Send, exc: InferbridgeError, request_id: str, *, close: bool = False
+) -> None:
+    """`exc` as the whole answer; `close`: the connection is closed after it (a body that
+    was refused unread, or too slow, is not read on)."""
     body = exc.body()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
     ]
+    if close:
+        headers.append((b"connection", b"close"))
     headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -64,12 +88,29 @@ class RequestGate:
         self.gateway = gateway
         self.max_body = gateway.config.server.max_body_bytes
         self.body_timeout = gateway.config.server.body_timeout
+        self.max_headers = gateway.config.server.max_header_bytes
+        self.public = PUBLIC_PATHS
+        if gateway.config.server.metrics_auth:
+            self.public = PUBLIC_PATHS - {"/metrics"}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
+        request_id = request_id_of(headers)
+        scope.setdefault("state", {})["request_id"] = request_id
+        size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+        if size > self.max_headers:
+            too_large = HeadersTooLarge(
+                f"The request headers are larger than the limit of {self.max_headers} "
+                "bytes (server.max_header_bytes)."
+            )
+            await send_error(send, too_large, request_id, close=True)
+            return
+        if scope["path"] in self.public:
+            await self.app(scope, receive, send)
+            return
         try:
             self.gateway.authenticate(headers.get("authorization"), headers.get("api-key"))
             if scope["method"] in BODY_METHODS:
@@ -80,7 +121,8 @@ class RequestGate:
             return
         except InferbridgeError as exc:
             self.gateway.observability.rejected(exc.status)
-            await send_error(send, exc)
+            close = isinstance(exc, PayloadTooLarge | RequestTimeout)
+            await send_error(send, exc, request_id, close=close)
             return
         if body is not None:
             receive = _replay(body, receive)

@@ -17,7 +17,7 @@ from fastapi.responses import Response
 
 from inferbridge.api.protocol import ChatCompletionRequest, CompletionRequest
 from inferbridge.api.serving import CompletionService
-from inferbridge.errors import ModelNotFound
+from inferbridge.errors import AuthenticationFailed, ModelNotFound
 from inferbridge.gateway import Gateway
 
 JSON = "application/json"
@@ -94,8 +94,21 @@ async def liveness() -> Response:
 
 @health.get("/health/readiness", summary="Readiness: each deployment's state")
 async def readiness(request: Request) -> Response:
-    ready, report = gateway_of(request).readiness()
+    """Ready when every model has a usable deployment. The per-model report (names,
+    deployments, states) is shown only to an authenticated caller when keys are on."""
+    gateway = gateway_of(request)
+    ready, report = gateway.readiness()
+    if not authenticated(gateway, request):
+        report = {"status": report["status"]}
     return json_response(report, 200 if ready else 503)
+
+
+def authenticated(gateway: Gateway, request: Request) -> bool:
+    try:
+        gateway.authenticate(request.headers.get("authorization"), request.headers.get("api-key"))
+    except AuthenticationFailed:
+        return False
+    return True
 
 
 @health.get("/metrics", summary="Prometheus metrics")

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive
 
-from inferbridge import ids
+from inferbridge.api.gate import request_id_of as request_id_from_headers
 from inferbridge.api.protocol import normalize
 from inferbridge.api.responses import ResponseAssembler, StreamEncoder, error_event
 from inferbridge.errors import InferbridgeError
@@ -77,11 +77,9 @@ async def until_disconnected(receive: Receive, work: Awaitable[T]) -> T:
 
 
 def request_id_of(request: Request) -> str:
-    """The client's `x-request-id` when it is a sane token, else a new id."""
-    given = request.headers.get("x-request-id")
-    if given and len(given) <= 200 and given.isascii() and given.isprintable():
-        return given
-    return ids.new_id()
+    """The request's id, as the gate chose it (the client's `x-request-id` when sane)."""
+    found = request.scope.get("state", {}).get("request_id")
+    return found or request_id_from_headers(request.headers)
 
 
 def error_response(exc: InferbridgeError, request_id: str | None = None) -> Response:
