@@ -16,5 +16,5 @@ ENV INFERBRIDGE_HOST=0.0.0.0 \
 EXPOSE 5000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('INFERBRIDGE_PORT', '5000'), timeout=2)"
-# Mount your config at /etc/inferbridge/config.yaml and set INFERBRIDGE_CONFIG to use it.
+# Mount your config at /etc/inferbridge/config.yaml: it is read when it exists.
 CMD ["inferbridge", "serve"]

@@ -21,6 +21,16 @@ from inferbridge import __version__
 from inferbridge.config import ConfigError, load_config
 from inferbridge.inference_server import InferenceServerError, parse_inference_server
 
+# The config file the Docker image mounts: used when no other is named.
+DEFAULT_CONFIG = "/etc/inferbridge/config.yaml"
+
+
+def default_config() -> str | None:
+    named = os.environ.get("INFERBRIDGE_CONFIG")
+    if named:
+        return named
+    return DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -32,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config",
         "-c",
-        default=os.environ.get("INFERBRIDGE_CONFIG"),
-        help="YAML config file (default: $INFERBRIDGE_CONFIG; none: serve the 'echo' model)",
+        default=default_config(),
+        help="YAML config file (default: $INFERBRIDGE_CONFIG, else /etc/inferbridge/config.yaml "
+        "when it exists; none: serve the 'echo' model)",
     )
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 5000)")
@@ -57,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         "--prompt-template", help="with --inference-server: chat template for raw-prompt backends"
     )
     check = sub.add_parser("check", help="validate a config file and list its models")
-    check.add_argument("--config", "-c", default=os.environ.get("INFERBRIDGE_CONFIG"))
+    check.add_argument("--config", "-c", default=default_config())
     return parser
 
 
