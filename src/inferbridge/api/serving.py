@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from starlette.requests import Request
@@ -97,15 +97,13 @@ def internal_error(request_id: str) -> InferbridgeError:
 class Exchange:
     """One request in flight: what the service needs to answer it and to record it."""
 
-    __slots__ = ("completion", "error", "request", "route", "timer", "usage")
+    __slots__ = ("error", "request", "route", "timer")
 
     def __init__(self, request: InferenceRequest, route: RouteInfo, timer: RequestTimer) -> None:
         self.request = request
         self.route = route
         self.timer = timer
-        self.usage: dict[str, Any] | None = None
         self.error: Exception | None = None
-        self.completion: Any = None
 
     def headers(self) -> dict[str, str]:
         """x-request-id, x-inferbridge-model (the model that answered, after fallbacks) and
@@ -127,100 +125,204 @@ class Exchange:
         log.error("request %s failed in its backend stream", self.request.request_id, exc_info=exc)
         return internal_error(self.request.request_id)
 
-    def failed(self, exc: Exception) -> Response:
+    def failed(self, exc: Exception, render: Renderer) -> Response:
         """An HTTP error answer: nothing was sent yet."""
         err = self.as_error(exc)
         self.timer.status = err.status
         self.timer.overhead = self.timer.overhead_so_far()
-        return error_response(err, self.request.request_id)
+        return render.error_response(err, self.request.request_id)
+
+
+class Renderer(Protocol):
+    """How one API dialect answers a routed request from its events.
+
+    One renderer per request. A whole answer: `add` every batch, then `result`. A stream:
+    `opening` (after the first batch was `encode`d: it may carry metadata such as the
+    system fingerprint), `encode` each batch, then `closing`, or `failure` when the stream
+    broke after it started. `error_response` answers an error before anything was sent.
+    """
+
+    media_type: str
+    """The stream's content type."""
+
+    def __init__(self, request: InferenceRequest, choices: int, keep_text: bool) -> None: ...
+
+    def add(self, batch: Sequence[Event]) -> None: ...
+
+    def result(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """The whole answer's body and extra headers."""
+        ...
+
+    def opening(self) -> bytes: ...
+
+    def encode(self, batch: Sequence[Event]) -> bytes: ...
+
+    def closing(self) -> bytes: ...
+
+    def failure(self, err: InferbridgeError) -> bytes: ...
+
+    def usage(self) -> dict[str, Any] | None:
+        """Token counts in OpenAI's shape (prompt_tokens, completion_tokens), for metrics."""
+        ...
+
+    def completion(self) -> Any:
+        """What was generated, for access logs when `log_prompts` is on."""
+        ...
+
+    @staticmethod
+    def error_response(err: InferbridgeError, request_id: str) -> Response:
+        """An error in the dialect's envelope (a static method: also used before there is a
+        request to render)."""
+        ...
+
+
+RendererFactory = type[Renderer]
+"""A renderer class: `cls(request, choice count, keep text for logs)`."""
+
+
+class ChatRenderer:
+    """The OpenAI chat and legacy completion dialect: `StreamEncoder` chunks and
+    `ResponseAssembler` objects (they share one `ChoiceTracker`, so both agree)."""
+
+    media_type = SSE_MEDIA_TYPE
+
+    def __init__(self, request: InferenceRequest, choices: int, keep_text: bool) -> None:
+        self.request = request
+        self.keep_text = keep_text
+        self.assembler = ResponseAssembler(request, choices)
+        self.encoder = StreamEncoder(request, choices, keep_text=keep_text)
+        self._usage: dict[str, Any] | None = None
+        self._completion: Any = None
+
+    def add(self, batch: Sequence[Event]) -> None:
+        self.assembler.add(batch)
+
+    def result(self) -> tuple[dict[str, Any], dict[str, str]]:
+        response, estimated = self.assembler.result()
+        self._usage = response["usage"]
+        if self.keep_text:
+            self._completion = [c.get("message", c.get("text")) for c in response["choices"]]
+        return response, {"x-inferbridge-usage-estimated": "true"} if estimated else {}
+
+    def opening(self) -> bytes:
+        return self.encoder.opening()
+
+    def encode(self, batch: Sequence[Event]) -> bytes:
+        return self.encoder.encode(batch)
+
+    def closing(self) -> bytes:
+        self._usage, _ = self.encoder.tracker.final_usage(self.request)
+        return self.encoder.closing()
+
+    def failure(self, err: InferbridgeError) -> bytes:
+        return error_event(err.envelope())
+
+    def usage(self) -> dict[str, Any] | None:
+        return self._usage
+
+    def completion(self) -> Any:
+        return self._completion if self._completion is not None else self.encoder.tracker.text
+
+    @staticmethod
+    def error_response(err: InferbridgeError, request_id: str) -> Response:
+        return error_response(err, request_id)
 
 
 class CompletionService:
-    """Serves `POST /v1/chat/completions` and `POST /v1/completions` (see module doc)."""
+    """Serves every generation route: routes a normalized request and answers it in the
+    route's dialect (see module doc)."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.observe = gateway.observability
 
     async def serve(self, kind: Kind, body: dict[str, Any], http: Request) -> Response:
+        """The OpenAI chat and legacy completion routes."""
+        return await self.answer(http, lambda: normalize(kind, body), ChatRenderer)
+
+    async def answer(
+        self,
+        http: Request,
+        build: Callable[[], InferenceRequest],
+        renderer: RendererFactory,
+    ) -> Response:
+        """Build the request (`build` may raise a 4xx), route it, and answer it with the
+        dialect's renderer, streamed or whole."""
         timer = RequestTimer()
         request_id = request_id_of(http)
         try:
-            request = normalize(kind, body)
+            request = build()
             request.request_id = request_id
             route = RouteInfo()
             stream, choices = self.gateway.open_stream(request, route)
         except InferbridgeError as exc:
             self.observe.rejected(exc.status)
-            return error_response(exc, request_id)
+            return renderer.error_response(exc, request_id)
 
         timer.routed = _now()
         ex = Exchange(request, route, timer)
+        render = renderer(request, choices, self.observe.log_prompts)
         self.observe.started(request.model)
         streaming = False
         try:
             if request.stream:
                 first = await until_disconnected(http.receive, anext(stream, ()))
                 timer.first = _now()
-                response = self._stream_response(ex, stream, choices, first)
+                response = self._stream_response(ex, stream, render, first)
                 streaming = True
                 return response
-            return await until_disconnected(http.receive, self._complete(ex, stream, choices))
+            return await until_disconnected(http.receive, self._complete(ex, stream, render))
         except ClientGone:
             timer.disconnected = True
             log.info("request %s: client disconnected, upstream request cancelled", request_id)
             return Response(status_code=499)
         except Exception as exc:
-            return ex.failed(exc)
+            return ex.failed(exc, render)
         finally:
             if not streaming:  # a stream is recorded when its body ends
-                self.observe.record(request, route, timer, ex.usage, ex.error, ex.completion)
+                self._record(ex, render)
                 await aclose(stream)
 
-    async def _complete(self, ex: Exchange, stream: Batches, choices: int) -> Response:
+    def _record(self, ex: Exchange, render: Renderer) -> None:
+        completion = render.completion() if self.observe.log_prompts else None
+        self.observe.record(ex.request, ex.route, ex.timer, render.usage(), ex.error, completion)
+
+    async def _complete(self, ex: Exchange, stream: Batches, render: Renderer) -> Response:
         timer = ex.timer
-        assembler = ResponseAssembler(ex.request, choices)
         async for batch in stream:
             if not timer.first:
                 timer.first = _now()
-            assembler.add(batch)
+            render.add(batch)
         timer.last = _now()
-        response, estimated = assembler.result()
-        ex.usage = response["usage"]
-        if self.observe.log_prompts:
-            ex.completion = [c.get("message", c.get("text")) for c in response["choices"]]
-        headers = ex.headers()
-        if estimated:
-            headers["x-inferbridge-usage-estimated"] = "true"
+        body, extra = render.result()
+        headers = {**ex.headers(), **extra}
         timer.status = 200
-        return Response(orjson.dumps(response), 200, headers, media_type="application/json")
+        return Response(orjson.dumps(body), 200, headers, media_type="application/json")
 
     def _stream_response(
-        self, ex: Exchange, stream: Batches, choices: int, first: Sequence[Event]
+        self, ex: Exchange, stream: Batches, render: Renderer, first: Sequence[Event]
     ) -> StreamingResponse:
-        encoder = StreamEncoder(ex.request, choices, keep_text=self.observe.log_prompts)
         ex.timer.status = 200
         return StreamingResponse(
-            self._chunks(ex, stream, encoder, first),
+            self._chunks(ex, stream, render, first),
             headers={**SSE_HEADERS, **ex.headers()},
-            media_type=SSE_MEDIA_TYPE,
+            media_type=render.media_type,
         )
 
     async def _chunks(
-        self, ex: Exchange, stream: Batches, encoder: StreamEncoder, first: Sequence[Event]
+        self, ex: Exchange, stream: Batches, render: Renderer, first: Sequence[Event]
     ) -> AsyncIterator[bytes]:
-        """The SSE body: the opening chunk and the first batch, then each batch as it
-        arrives, then the closing chunks (or an error event if the stream broke)."""
+        """The streamed body: the opening and the first batch, then each batch as it
+        arrives, then the closing (or the dialect's error event if the stream broke)."""
         try:
-            data = encoder.encode(first)  # first: it may carry the system_fingerprint
-            yield encoder.opening() + data
+            data = render.encode(first)
+            yield render.opening() + data
             try:
                 async for batch in stream:
-                    data = encoder.encode(batch)
+                    data = render.encode(batch)
                     if data:
                         yield data
-                tail = encoder.closing()
-                ex.usage, _ = encoder.tracker.final_usage(ex.request)
+                tail = render.closing()
             except Exception as exc:
                 err = ex.as_error(exc)
                 log.warning(
@@ -228,8 +330,7 @@ class CompletionService:
                     ex.request.request_id,
                     err.message,
                 )
-                tail = error_event(err.envelope())
-            ex.completion = encoder.tracker.text
+                tail = render.failure(err)
             yield tail
         except asyncio.CancelledError:
             ex.timer.disconnected = True
@@ -239,5 +340,5 @@ class CompletionService:
             )
             raise
         finally:
-            self.observe.record(ex.request, ex.route, ex.timer, ex.usage, ex.error, ex.completion)
+            self._record(ex, render)
             await aclose(stream)
