@@ -36,7 +36,7 @@ def test_a_key_that_resolves_to_nothing_is_a_config_error(monkeypatch):
     monkeypatch.setenv("EMPTY_KEY", "")
     data = {**KEYED, "auth": {"api_keys": ["os.environ/EMPTY_KEY"]}}
     with pytest.raises(ConfigError, match="empty"):
-        load_config(data=data, environ={})
+        load_config(data=data, environ={"EMPTY_KEY": ""})
 
 
 @pytest.mark.parametrize(

@@ -68,9 +68,9 @@ def test_inference_server_strings(spec, expected, monkeypatch):
         assert entry[key] == value, key
     assert entry["name"] == "llama"
     # every produced entry is a valid config entry
-    monkeypatch.setenv("OPENAI_API_KEY", "k")
-    monkeypatch.setenv("REPLICATE_API_TOKEN", "k")
-    load_config(data={"models": [entry]}, environ={})
+    load_config(
+        data={"models": [entry]}, environ={"OPENAI_API_KEY": "k", "REPLICATE_API_TOKEN": "k"}
+    )
 
 
 def test_bad_inference_server_string():

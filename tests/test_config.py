@@ -66,3 +66,97 @@ def test_bad_yaml_and_missing_file(tmp_path):
     bad.write_text("models: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+# -- errors caught at load, naming the file, the line and the field --------------------------
+def write(tmp_path, text: str):
+    path = tmp_path / "inferbridge.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_an_invalid_log_level_names_the_line(tmp_path):
+    path = write(tmp_path, "server:\n  log_level: loud\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert f"{path}:2: server.log_level" in str(info.value)
+    assert "'loud'" in str(info.value)
+
+
+def test_a_url_without_a_scheme_is_refused_at_load(tmp_path):
+    path = write(tmp_path, "models:\n  - name: m\n    backend: vllm\n    url: gpu1:8000/v1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert f"{path}:4: models[0] (m): url" in str(info.value)
+    assert "http://" in str(info.value)
+
+
+def test_duplicate_keys_are_refused_naming_both_lines(tmp_path):
+    text = "models:\n  - name: a\n    backend: echo\nmodels:\n  - name: b\n    backend: echo\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ={})
+    assert "duplicate" in str(info.value)
+    assert "4: models (first at line 1)" in str(info.value)
+
+
+def test_shell_style_variables_suggest_os_environ(tmp_path):
+    path = write(tmp_path, "auth:\n  api_keys: ['${MY_KEY}']\n")
+    with pytest.raises(ConfigError, match=r"did you mean os\.environ/MY_KEY"):
+        load_config(path, environ={"MY_KEY": "x"})
+
+
+def test_an_unknown_key_gets_a_suggestion(tmp_path):
+    path = write(tmp_path, "models:\n  - name: a\n    backend: echo\n    timout: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert f"{path}:4: models[0] (a): timout: unknown key (did you mean 'timeout'?)" in str(
+        info.value
+    )
+
+
+def test_every_unset_variable_is_reported_at_once(tmp_path):
+    text = (
+        "auth:\n  api_keys: [os.environ/KEY_ONE]\nmodels:\n  - name: a\n    backend: openai\n"
+        "    api_key: os.environ/KEY_TWO\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ={})
+    assert "KEY_ONE" in str(info.value) and "KEY_TWO" in str(info.value)
+
+
+def test_without_the_secrets_the_needed_variables_are_listed(tmp_path):
+    text = "models:\n  - name: a\n    backend: openai\n    api_key: os.environ/KEY_TWO\n"
+    config = load_config(write(tmp_path, text), environ={}, require_env=False)
+    assert config.missing_env == ["KEY_TWO"]
+
+
+def test_a_secret_can_come_from_a_file(tmp_path):
+    secret = tmp_path / "key.txt"
+    secret.write_text("sk-from-file\n")
+    path = write(tmp_path, "auth:\n  api_keys: [os.environ_file/KEY_FILE]\n")
+    config = load_config(path, environ={"KEY_FILE": str(secret)})
+    assert config.auth.keys == ["sk-from-file"]
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path, environ={})
+
+
+def test_entries_sharing_a_name_with_different_upstreams_are_warned_about(caplog):
+    data = {
+        "models": [
+            {"name": "m", "backend": "vllm", "url": "http://a/v1", "upstream_model": "x"},
+            {"name": "m", "backend": "vllm", "url": "http://b/v1", "upstream_model": "y"},
+        ]
+    }
+    load_config(data=data, environ={})
+    assert "treated as deployments of one model" in caplog.text
+
+
+def test_a_name_file_variable_stands_for_the_secret(tmp_path):
+    secret = tmp_path / "key.txt"
+    secret.write_text("sk-docker-secret")
+    path = write(tmp_path, "auth:\n  api_keys: [os.environ/MY_KEY]\n")
+    config = load_config(path, environ={"MY_KEY_FILE": str(secret)})
+    assert config.auth.keys == ["sk-docker-secret"]

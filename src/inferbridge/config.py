@@ -14,10 +14,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -28,11 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-ENV_PREFIX = "os.environ/"
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message says where and why."""
+from inferbridge.config_source import ConfigError, Source, did_you_mean, dotted, resolve_env
 
 
 class TLSConfig(BaseModel):
@@ -118,6 +112,13 @@ class DeploymentConfig(BaseModel):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
+    @field_validator("url")
+    @classmethod
+    def _upstream_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https:// (got {value!r})")
+        return value
+
     @property
     def target_model(self) -> str:
         return self.upstream_model or self.name
@@ -148,7 +149,7 @@ class ServerConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=5000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     body_timeout: float = Field(default=30.0, gt=0)
     """Seconds a request body may take to arrive once its headers are in."""
@@ -248,6 +249,8 @@ class Config(BaseModel):
     router: RouterConfig = Field(default_factory=RouterConfig)
     model_aliases: dict[str, str] = Field(default_factory=dict)
     models: list[DeploymentConfig] = Field(default_factory=list)
+    missing_env: list[str] = Field(default_factory=list, exclude=True)
+    """Variables the file names that were unset (only with `require_env=False`)."""
 
     def model_names(self) -> list[str]:
         return list(dict.fromkeys(m.name for m in self.models))
@@ -256,26 +259,43 @@ class Config(BaseModel):
 DEFAULT_MODELS: list[dict[str, Any]] = [{"name": "echo", "backend": "echo"}]
 
 
-def resolve_env(value: Any, where: str = "") -> Any:
-    """Replace every `os.environ/NAME` string (at any depth) by that variable's value."""
-    if isinstance(value, str) and value.startswith(ENV_PREFIX):
-        name = value[len(ENV_PREFIX) :]
-        if name not in os.environ:
-            raise ConfigError(f"{where or 'config'}: environment variable {name} is not set")
-        return os.environ[name]
-    if isinstance(value, dict):
-        return {k: resolve_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [resolve_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    return value
-
-
-def _format_errors(prefix: str, exc: ValidationError) -> list[str]:
+def _format_errors(prefix: str, exc: ValidationError, source: Source, base: tuple) -> list[str]:
+    """One line per pydantic error: `file:line: prefix field: message`, with a suggestion
+    for an unknown key."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(entry)"
-        lines.append(f"{prefix}{loc}: {err['msg']}")
+        loc = tuple(err["loc"])
+        message = err["msg"]
+        if err["type"] == "extra_forbidden" and loc:
+            message = f"unknown key{did_you_mean(str(loc[-1]), known_keys())}"
+        elif err["type"] == "literal_error":
+            message = f"{message} (got {err['input']!r})"
+        where = source.where((*base, *loc))
+        lines.append(f"{where}{prefix}{dotted(loc) or '(entry)'}: {message}")
     return lines
+
+
+def known_keys() -> set[str]:
+    """Every key any part of the config may have (for "did you mean" suggestions)."""
+    from inferbridge.backends.registry import BACKENDS, settings_class
+
+    models: list[type[BaseModel]] = [
+        Config,
+        ServerConfig,
+        AuthConfig,
+        RouterConfig,
+        ModelRouting,
+        CorsConfig,
+    ]
+    models += [settings_class(name) for name in BACKENDS]
+    keys: set[str] = set()
+    for model in models:
+        keys.update(model.model_fields)
+        for field in model.model_fields.values():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                keys.update(annotation.model_fields)
+    return keys
 
 
 def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -314,31 +334,28 @@ def load_config(
     data: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
+    require_env: bool = True,
 ) -> Config:
     """Build a validated `Config` from a YAML file (or `data`), env and `overrides`.
 
     `overrides` has the same shape as the file (`{"server": {"port": 8080}}`); it is what
-    the command line passes in.
+    the command line passes in. Every error names the file, the line and the field.
+    `require_env=False` validates without the secrets: unset `os.environ/` variables are
+    reported by `missing_env` instead of failing.
     """
     from inferbridge.backends.registry import settings_class
 
+    env = os.environ if environ is None else environ
+    source = Source.read(path) if data is None and path is not None else Source(None, {}, {})
     if data is None:
-        data = {}
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
-            try:
-                loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
-            if loaded is None:
-                loaded = {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{p}: the top level must be a mapping")
-            data = loaded
-    data = resolve_env(data)
-    for layer in (env_overrides(environ), overrides or {}):
+        data = source.data
+    data, missing = resolve_env(data, env)
+    if missing and require_env:
+        raise ConfigError(
+            "environment variables the config names are not set:\n  "
+            + "\n  ".join(f"{source.where(loc)}{dotted(loc)}: {name}" for loc, name in missing)
+        )
+    for layer in (env_overrides(env), overrides or {}):
         for section, values in layer.items():
             if section == "models":  # a one-backend start replaces the file's models
                 data["models"] = values
@@ -351,34 +368,37 @@ def load_config(
     if raw_models is None:
         raw_models = DEFAULT_MODELS
     if not isinstance(raw_models, list):
-        raise ConfigError("models: must be a list of model entries")
+        raise ConfigError(f"{source.where(('models',))}models: must be a list of model entries")
 
     errors: list[str] = []
     try:
         base = Config.model_validate({**data, "models": []})
     except ValidationError as exc:
-        errors.extend(_format_errors("", exc))
+        errors.extend(_format_errors("", exc, source, ()))
         base = None
 
     deployments: list[DeploymentConfig] = []
     for i, entry in enumerate(raw_models):
+        where = source.where(("models", i))
         if not isinstance(entry, dict):
-            errors.append(f"models[{i}]: must be a mapping with at least name and backend")
+            errors.append(f"{where}models[{i}]: must be a mapping with at least name and backend")
             continue
         label = f"models[{i}]" + (f" ({entry['name']})" if entry.get("name") else "")
         backend = entry.get("backend")
         if not backend:
-            errors.append(f"{label}: backend: field required")
+            errors.append(f"{where}{label}: backend: field required")
             continue
         try:
             cls = settings_class(str(backend))
         except KeyError as exc:
-            errors.append(f"{label}: backend: {exc.args[0]}")
+            errors.append(
+                f"{source.where(('models', i, 'backend'))}{label}: backend: {exc.args[0]}"
+            )
             continue
         try:
             deployments.append(cls.model_validate(entry))
         except ValidationError as exc:
-            errors.extend(_format_errors(f"{label}: ", exc))
+            errors.extend(_format_errors(f"{label}: ", exc, source, ("models", i)))
 
     if base is not None and not errors:
         errors.extend(_routing_errors(base, {d.name for d in deployments}))
@@ -386,7 +406,28 @@ def load_config(
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     assert base is not None
     base.models = deployments
+    base.missing_env = sorted({name for _, name in missing})
+    for warning in shared_name_warnings(deployments):
+        logging.getLogger("inferbridge").warning(warning)
     return base
+
+
+def shared_name_warnings(deployments: list[DeploymentConfig]) -> list[str]:
+    """Entries that share a `name` are deployments of one model: say so when they point at
+    different backends or upstream models (a likely mistake)."""
+    by_name: dict[str, list[DeploymentConfig]] = {}
+    for d in deployments:
+        by_name.setdefault(d.name, []).append(d)
+    out = []
+    for name, group in by_name.items():
+        kinds = {(d.backend, d.target_model) for d in group}
+        if len(kinds) > 1:
+            listed = ", ".join(f"{b} {m}" for b, m in sorted(kinds))
+            out.append(
+                f"model '{name}': {len(group)} entries with different backends or upstream "
+                f"models ({listed}) will be treated as deployments of one model"
+            )
+    return out
 
 
 def _routing_errors(config: Config, names: set[str]) -> list[str]:
