@@ -226,6 +226,47 @@ def test_text_split_inside_utf8_characters(client, fake):
     assert "".join(c.choices[0].text for c in chunks) == " héllo wörld 🙂"
 
 
+# Tokens whose text a character-based estimate (4 per token) gets wrong: 6 of them are 98
+# characters, "25 tokens".
+LONG_TOKENS = [" Incomprehensibilities", " notwithstanding", ",", " antidisestablishment"]
+LONG_TOKENS += [" counterrevolutionaries", " overwhelmingly", " ok"]
+
+
+@pytest.mark.parametrize("input_length", [True, False])
+def test_stream_usage_is_the_container_s_count(client, fake, input_length):
+    fake.tokens = LONG_TOKENS
+    fake.stream_input_length = input_length  # False: a container without it (older TGI)
+    chunks = list(
+        client.chat.completions.create(
+            model="llama",
+            messages=MESSAGES,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "".join(LONG_TOKENS[:6]) and chunks[-2].choices[0].finish_reason == "length"
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 6  # the final event's details.generated_tokens
+    assert usage.completion_tokens != -(-len(text) // 4)
+    # the final event's details.input_length, else estimated from the prompt sent
+    assert usage.prompt_tokens == (7 if input_length else -(-len(LLAMA3_PROMPT) // 4))
+
+
+def test_non_stream_usage_is_the_container_s_count(client, fake):
+    fake.tokens = LONG_TOKENS
+    raw = client.chat.completions.with_raw_response.create(
+        model="llama", messages=MESSAGES, max_tokens=6
+    )
+    r = raw.parse()
+    assert r.choices[0].message.content == "".join(LONG_TOKENS[:6])
+    assert r.usage.completion_tokens == 6  # details.generated_tokens
+    # TGI gives the prompt count in a header SageMaker drops: estimated, and said so
+    assert r.usage.prompt_tokens == -(-len(LLAMA3_PROMPT) // 4)
+    assert raw.headers["x-inferbridge-usage-estimated"] == "true"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_without_details_usage_is_estimated(client, fake, stream):
     fake.details = False
@@ -300,9 +341,20 @@ def test_parameters_are_translated_for_tgi(client, fake):
 
 
 def test_more_stops_than_tgi_takes_are_enforced_by_the_proxy(client, fake):
+    fake.tokens = [" Hello", " there", ",", *[" and so on"] * 20]
+    fake.behaviour.delay_between_chunks = 0.1  # the container would go on for 2 s
     r = client.completions.create(model="llama", prompt="x", stop=["A", "B", "C", "D", ","])
     assert fake.requests[-1].json["parameters"]["stop"] == ["A", "B", "C", "D"]
     assert r.choices[0].text == " Hello there"  # "," was not sent: cut proxy-side
+    assert r.choices[0].finish_reason == "stop"
+    # streamed from the container even for this non-streamed answer, so that the cut can
+    # end the call: the connection is shut at once, not read on to the container's end
+    assert fake.requests[-1].path.endswith("/invocations-response-stream")
+    deadline = time.monotonic() + 1
+    while not fake.transports[-1].is_closing() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fake.transports[-1].is_closing()
+    assert r.usage.completion_tokens == 3  # the token events read up to the cut
     r = client.chat.completions.create(model="llama", messages=MESSAGES, stop=["A", ","])
     assert fake.requests[-1].json["parameters"]["stop"] == [
         "A",

@@ -1,6 +1,6 @@
 """Proxy-side stop strings: nothing past a stop string leaks, nothing else is held back."""
 
-from inferbridge.stops import StopCutter
+from inferbridge.stops import StopCutter, covering_stops
 
 
 def run(pieces, stops):
@@ -28,3 +28,41 @@ def test_no_stop_passes_through_and_flushes():
 def test_earliest_of_several_stops_wins():
     out, _, stopped = run(["one TWO three ONE"], ["ONE", "TWO"])
     assert out == ["one "] and stopped
+
+
+# -- covering_stops: the stops a backend needs to halt at all of them -------------------------
+def test_a_stop_containing_another_is_covered_by_it():
+    assert covering_stops(["\n<bot>:", "<bot>:"]) == ["<bot>:"]
+    assert covering_stops(["<bot>:", "\n<bot>:"]) == ["<bot>:"]
+    assert covering_stops(["<|im_end|>\n", "x<|im_end|>y", "<|im_end|>"]) == ["<|im_end|>"]
+    template = ["\n<human>:", "\n<bot>:", "<human>:", "<bot>:"]  # human_bot's defaults
+    assert covering_stops(template) == ["<human>:", "<bot>:"]
+
+
+def test_covering_is_transitive_and_partial_overlaps_are_kept():
+    assert covering_stops(["abc", "b", "ab"]) == ["b"]  # "ab" and "abc" both contain "b"
+    # overlapping but neither contains the other: both are needed
+    assert covering_stops(["ab", "bc"]) == ["ab", "bc"]
+    assert covering_stops(["User:", "user:"]) == ["User:", "user:"]  # case matters
+
+
+def test_covering_drops_duplicates_and_keeps_order():
+    assert covering_stops(["C", "A", "C", "B", "A"]) == ["C", "A", "B"]
+    assert covering_stops(["END", "\nEND", "###", "END"]) == ["END", "###"]
+
+
+def test_covering_of_nothing_and_of_empty_strings():
+    assert covering_stops([]) == []
+    assert covering_stops(()) == []
+    # an empty string is no stop at all (it must not "cover" every other one)
+    assert covering_stops(["", "a", ""]) == ["a"]
+    assert covering_stops([""]) == []
+
+
+def test_covered_stops_still_decide_where_the_text_is_cut():
+    # "<bot>:" halts generation, but "\n<bot>:" starts earlier: the cut uses every stop
+    stops = ["\n<bot>:", "<bot>:"]
+    out, _, stopped = run(["hi\n<bot>: more"], stops)
+    assert out == ["hi"] and stopped
+    out, _, stopped = run(["hi\n<bot>: more"], covering_stops(stops))
+    assert out == ["hi\n"] and stopped

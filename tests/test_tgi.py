@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -191,9 +192,33 @@ def test_unsupported_params_are_400_or_dropped(field, value):
 
 def test_stops_sent_to_tgi_client_first_eos_last():
     stops = ["<|im_end|>", "</s>", "A", "B"]  # template's first (merge_stops), EOS "</s>"
-    assert stops_for_tgi(stops, ["A", "B"], "</s>", 4) == ["A", "B", "<|im_end|>", "</s>"]
-    assert stops_for_tgi(stops, ["A", "B"], "</s>", 3) == ["A", "B", "<|im_end|>"]
-    assert stops_for_tgi(stops, ["A", "B"], "</s>", 0) == []
+    sent = ["A", "B", "<|im_end|>", "</s>"]
+    assert stops_for_tgi(stops, ["A", "B"], "</s>", 4) == (sent, [])
+    # over the limit: the EOS is left out first, and TGI stops on it by itself
+    assert stops_for_tgi(stops, ["A", "B"], "</s>", 3) == (sent[:3], [])
+    assert stops_for_tgi(stops, ["A", "B"], "</s>", 2) == (sent[:2], ["<|im_end|>"])
+    assert stops_for_tgi(stops, ["A", "B"], "</s>", 0) == ([], ["A", "B", "<|im_end|>"])
+    assert stops_for_tgi([], [], None, 4) == ([], [])
+
+
+def test_stops_sent_to_tgi_are_the_covering_set():
+    # human_bot's defaults plus 4 client stops: 8 strings, covered by 4
+    template = ["\n<human>:", "\n<bot>:", "<human>:", "<bot>:"]
+    client = ["\nUser:", "User:", "<bot>: ", "END"]
+    stops = [*template, *client]  # merge_stops order
+    assert stops_for_tgi(stops, client, None, 4) == (["User:", "END", "<human>:", "<bot>:"], [])
+    # still too many after covering: the first `limit` are sent, the rest cut here
+    client = ["A1", "B2", "C3", "D4"]
+    sent, unsent = stops_for_tgi([*template, *client], client, None, 4)
+    assert (sent, unsent) == (client, ["<human>:", "<bot>:"])
+    # a client stop covered by a template stop (and duplicates) are not sent twice
+    stops = ["<|im_end|>", "<|endoftext|>", "<|im_end|>\n", "Z"]
+    assert stops_for_tgi(stops, ["<|im_end|>\n", "Z", "Z"], "", 4) == (
+        ["Z", "<|im_end|>", "<|endoftext|>"],
+        [],
+    )
+    # a short client stop can cover the template's: "x" is in "<|endoftext|>"
+    assert stops_for_tgi([*stops, "x"], ["x"], "", 4) == (["x", "<|im_end|>", "Z"], [])
 
 
 def test_info_parsing_is_defensive():
@@ -259,6 +284,7 @@ def server(fake) -> Iterator[InferbridgeServer]:
     models = [
         {"name": "chat", "backend": "tgi", "url": fake.url, "prompt_template": "chatml"},
         {"name": "llama3", "backend": "tgi", "url": fake.url, "prompt_template": "llama3"},
+        {"name": "human_bot", "backend": "tgi", "url": fake.url, "prompt_template": "human_bot"},
         {"name": "raw", "backend": "tgi", "url": fake.url, "api_key": "tgi-key"},
     ]
     with InferbridgeServer({"models": models}) as srv:
@@ -402,11 +428,109 @@ def test_sdk_more_stops_than_tgi_accepts_are_cut_here(server, fake, stream):
         assert r.choices[0].finish_reason == "stop"
 
 
+def _answer(r: Any, stream: bool) -> tuple[str, str | None, Any]:
+    """(text, finish reason, usage) of a chat answer, streamed (with usage) or not."""
+    if not stream:
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage
+    chunks = list(r)
+    finishes = _finishes(chunks)
+    return _text(chunks), finishes[-1] if finishes else None, chunks[-1].usage
+
+
+def _estimate(text: str) -> int:
+    return -(-len(text) // 4)  # inferbridge.usage's rule: a token per 4 characters
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_sdk_template_and_client_stops_are_sent_as_their_covering_set(server, fake, stream):
+    # human_bot's 4 default stops plus 4 of the client's: 8 strings, covered by 4 of them
+    # ("<bot>:" covers "\n<bot>:" and "<bot>: ", "User:" covers "\nUser:"...)
+    fake.set_reply("Hello", " there", "\n<bot>:", " I", " am", " the", " user", ".")
+    r = server.openai().chat.completions.create(
+        model="human_bot",
+        messages=USER,
+        stop=["\nUser:", "User:", "<bot>: ", "END"],
+        stream=stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
+    )
+    text, reason, usage = _answer(r, stream)
+    # TGI halted at "<bot>:"; the cut is at the (covered) "\n<bot>:", which starts earlier
+    assert (text, reason) == ("Hello there", "stop")
+    path, body = _sent(fake)
+    assert path == ("/generate_stream" if stream else "/generate")  # all fit: no need to
+    stops = body["parameters"]["stop"]
+    assert len(stops) <= fake.info["max_stop_sequences"]
+    assert stops == ["User:", "END", "<human>:", "<bot>:"]  # the client's first
+    assert usage.completion_tokens == 3  # TGI's count: it stopped there
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_sdk_stops_over_the_limit_are_cut_here_and_end_the_generation(server, fake, stream):
+    # human_bot's covering set (<human>:, <bot>:) and 4 client stops: 6 for TGI's 4
+    fake.set_reply("Hello", "\n<bot>:", *[" and so on"] * 30)
+    fake.behaviour.delay_between_chunks = 0.1  # TGI would generate for 3 s more
+    client_stops = ["A1", "B2", "C3", "D4"]
+    started = time.monotonic()
+    raw = server.openai().chat.completions.with_raw_response.create(
+        model="human_bot",
+        messages=USER,
+        stop=client_stops,
+        stream=stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
+    )
+    text, reason, usage = _answer(raw.parse(), stream)
+    elapsed = time.monotonic() - started
+    assert (text, reason) == ("Hello", "stop")
+    path, body = _sent(fake)
+    assert body["parameters"]["stop"] == client_stops  # at most max_stop_sequences (4)
+    # even for a non-streamed answer TGI is asked for a stream: only that can be stopped...
+    assert path == "/generate_stream"
+    # ...and it was: closed at the cut, not read on to TGI's end (nor drained)
+    deadline = time.monotonic() + 2
+    while fake.closed_streams < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fake.closed_streams == 1
+    assert elapsed < 1.0, elapsed  # reading on after the cut (a drain) would take 1 s more
+    # usage: the two tokens read (one event each); the prompt side TGI never sent, estimated
+    assert usage.completion_tokens == 2
+    assert usage.prompt_tokens == _estimate(body["inputs"])
+    if not stream:
+        assert raw.headers["x-inferbridge-usage-estimated"] == "true"
+
+
 def test_sdk_special_token_named_as_stop_ends_the_stream(server, fake):
     # The template's stops did not fit in TGI's 4, and <|im_end|> is not TGI's EOS here.
     fake.set_reply("Hello", tok("<|im_end|>", special=True), " garbage", " more")
     chunks = _chat_stream(server, stop=["w1", "w2", "w3", "w4"])
     assert _text(chunks) == "Hello" and _finishes(chunks) == ["stop"]
+
+
+def test_sdk_stream_usage_without_input_length_is_tgi_s_count_where_it_gives_one(server, fake):
+    # a TGI whose final stream details carry no input_length (older versions)
+    fake.stream_input_length = False
+    fake.set_reply("Supercalifragilistic", "expialidocious", " indeed")  # 41 characters
+    chunks = _chat_stream(server)
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 4  # details.generated_tokens (EOS included), not 11
+    assert usage.prompt_tokens == _estimate(_sent(fake)[1]["inputs"])
+
+
+def test_sdk_usage_without_the_prompt_header_is_partly_estimated(server, fake):
+    fake.set_reply("Supercalifragilistic", "expialidocious", " indeed")
+    fake.prompt_header = False
+    raw = server.openai().chat.completions.with_raw_response.create(
+        model="chat", messages=USER, max_tokens=2
+    )
+    usage = raw.parse().usage
+    assert usage.completion_tokens == 2  # details.generated_tokens, not the text's 9
+    assert usage.prompt_tokens == _estimate(_sent(fake)[1]["inputs"])
+    assert raw.headers["x-inferbridge-usage-estimated"] == "true"
+    fake.prompt_header = True
+    raw = server.openai().chat.completions.with_raw_response.create(
+        model="chat", messages=USER, max_tokens=2
+    )
+    assert raw.parse().usage.completion_tokens == 2
+    assert "x-inferbridge-usage-estimated" not in raw.headers
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -3,9 +3,27 @@
 `StopCutter` sits on a text stream: it emits text as early as it safely can, holding back
 only a tail that could still turn into a stop string, and reports when a stop string
 appeared (the text before it is emitted, the stop string and everything after is not).
+
+`covering_stops` reduces a list of stop strings to the ones that matter for *halting*
+generation, for backends that accept only a few of them (TGI: `max_stop_sequences`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def covering_stops(stops: Iterable[str]) -> list[str]:
+    """The covering set of `stops`: without empty strings, duplicates, and every stop that
+    contains another one. If A is a substring of B, generation halts at A no later than B
+    completes, so a backend told about A never needs B (`<bot>:` covers `\n<bot>:`).
+    Order is kept (first occurrences).
+
+    This is about halting only: where the text is cut still depends on every stop (B may
+    start before A does), so the full list goes to `StopCutter`.
+    """
+    unique = list(dict.fromkeys(s for s in stops if s))
+    return [s for s in unique if not any(o in s for o in unique if o != s)]
 
 
 class StopCutter:

@@ -133,6 +133,7 @@ class FakeSageMaker(FakeServer):
         self.tokens = [" Hello", " there", ",", " friend", "."]
         self.eos = "</s>"
         self.input_length = 7
+        self.stream_input_length = True  # False: a final stream event without input_length
         self.details = True  # False: a container that ignores `details` (no counts, no reason)
         self.part_size: int | None = None  # re-cut the container's stream into parts this big
         self.stream_error: tuple[str, str] | None = None  # (exception type, message)
@@ -316,8 +317,9 @@ class FakeSageMaker(FakeServer):
                     "finish_reason": reason,
                     "generated_tokens": len(tokens),
                     "seed": None,
-                    "input_length": self.input_length,
                 }
+                if self.stream_input_length:
+                    event["details"]["input_length"] = self.input_length
             events.append(_sse(event))
             if i == 1 and self.container_stream_error:
                 events.append(_sse(self.container_stream_error))

@@ -16,8 +16,8 @@ honours `max_new_tokens` (finish "length") and `stop` (finish "stop_sequence", t
 string kept in the text like TGI) with TGI's own check order. Parameters are validated with
 TGI's rules and messages, so a test fails if inferbridge forwards a value TGI would reject.
 Knobs: `eos`, `prompt_tokens`, `error_event` (type/message after N tokens), `omit_final`,
-`info` / `info_status`, `prompt_header`, and the base `Behaviour` (HTTP status errors,
-`split_every`, `drop_after_chunks`, delays).
+`info` / `info_status`, `prompt_header`, `stream_input_length`, and the base `Behaviour`
+(HTTP status errors, `split_every`, `drop_after_chunks`, delays).
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class FakeTGI(FakeServer):
         self.set_reply(*(reply or ["Hello", " world", "!"]))
         self.eos: dict[str, Any] | None = EOS
         self.prompt_tokens: int | None = None  # default: words in inputs + 1 (BOS)
-        self.prompt_header = True
+        self.prompt_header = True  # False: no x-prompt-tokens header on /generate
+        self.stream_input_length = True  # False: no input_length in the final stream details
         self.error_event: tuple[int, str, str] | None = None  # (after N tokens, type, message)
         self.omit_final = False
         self.info: dict[str, Any] = {
@@ -225,8 +226,9 @@ class FakeTGI(FakeServer):
                     "finish_reason": finish,
                     "generated_tokens": len(tokens),
                     "seed": self._seed(params),
-                    "input_length": self._prompt_tokens(body["inputs"]),
                 }
+                if self.stream_input_length:
+                    event["details"]["input_length"] = self._prompt_tokens(body["inputs"])
             pieces.append(data(event))
         return await self.write_stream(request, pieces, "text/event-stream")
 

@@ -5,10 +5,13 @@ The container behind the endpoint is the Hugging Face LLM container (TGI). Two p
 - `payload: tgi` (default): TGI's generate format `{"inputs", "parameters", "stream"}`. This
   is the `tgi` adapter over another transport: `SageMakerBackend` subclasses `TGIBackend` and
   only replaces its transport hooks, so prompts (chat templates), parameter translation, stop
-  strings, logprobs and token events are handled by the same code. The reply is
-  `[{"generated_text", "details"}]`, or SSE `data:{token...}` events when streaming; the
-  prompt token count, which TGI only gives in a header SageMaker drops, is estimated on
-  non-streamed answers.
+  strings, logprobs, token events and usage are handled by the same code. The reply is
+  `[{"generated_text", "details"}]`, or SSE `data:{token...}` events when streaming. Usage
+  is the container's counts (`details.generated_tokens`, and on streams the final event's
+  `details.input_length`); what it does not give is estimated and marked so: the prompt
+  side of non-streamed answers (TGI gives it only in the `x-prompt-tokens` header, which
+  SageMaker drops), the prompt side of streams from containers whose final event has no
+  `input_length` or that were cut at a stop string, everything without `details`.
 - `payload: messages`: the container's Messages API (`{"messages", ...}`, or `{"prompt", ...}`
   for completions); replies are OpenAI-shaped and decoded with the openai_compat helpers.
 
@@ -62,9 +65,8 @@ from inferbridge.backends.tgi import (
 )
 from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import UpstreamError, UpstreamTimeout
-from inferbridge.events import Event, Usage
+from inferbridge.events import Event
 from inferbridge.request import InferenceRequest
-from inferbridge.usage import estimate_tokens
 
 ENDPOINT_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
 MESSAGES_PARAMS = frozenset(
@@ -324,9 +326,10 @@ class SageMakerBackend(TGIBackend):
         item = data[0] if isinstance(data, list) and data else data  # [{"generated_text"...}]
         if isinstance(item, dict) and item.get("error"):
             raise container_error(self.label, item)
-        out, completion = generated_events(self.label, item, reader)
-        if completion is not None:  # no prompt count in the body: that side is estimated
-            out.append(Usage(estimate_tokens(len(payload["inputs"])), completion, estimated=True))
+        out, details = generated_events(self.label, item, reader)
+        # TGI's non-streamed details have no prompt count (it is in a header SageMaker
+        # drops): estimated unless a container adds one
+        out.append(reader.usage(details.get("input_length"), details.get("generated_tokens")))
         return out
 
     def _generate_stream(
@@ -336,7 +339,7 @@ class SageMakerBackend(TGIBackend):
             return any(self._event(event.data, reader, out) for event in events)
 
         args = self._call_args({**payload, "stream": True}, stream=True)
-        return self._drive(args, handle, cut=lambda: reader.stopped)
+        return self._drive(args, handle, cut=lambda: reader.cut)
 
     async def _messages(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
         body = dict(request.params)

@@ -9,12 +9,20 @@ and always asking for `details: true` (finish reason and token counts) and
 `return_full_text: false`.
 
 Stop strings: TGI accepts at most `/info.max_stop_sequences` of them (read once per
-deployment, 4 when /info is unavailable). The client's stops are sent first, then the
-template's, the template's EOS last (TGI stops on EOS by itself); every stop string,
-sent or not, is also enforced here with a `StopCutter`.
+deployment, 4 when /info is unavailable). What is sent is their covering set (a stop that
+contains another one is dropped: generation halts at the shorter one first), the client's
+first, then the template's, the template's EOS last (TGI stops on EOS by itself). Every
+stop string, sent or not, is also enforced here with a `StopCutter`, which decides where the
+text is cut. When the covering set is larger than the limit, the request is streamed from
+TGI (even for a non-streamed answer) so that a cut at a stop TGI was not sent can end the
+generation: the response is closed there instead of being read to its end.
 
-Usage comes from `details` (`input_length`, `generated_tokens`) on streams and from the
-`x-prompt-tokens` header plus `details.generated_tokens` otherwise. TGI errors
+Usage: the backend's counts wherever it gives them: the final stream event's `details`
+(`input_length`, `generated_tokens`), the `x-prompt-tokens` header and
+`details.generated_tokens` (or `x-generated-tokens`) on /generate, and the number of token
+events read when a stream is cut before its end (each event is one generated token). A
+part TGI does not give (the prompt side of a cut stream, counts of an answer without
+details) is estimated (`inferbridge.usage`) and the `Usage` is marked `estimated`. TGI errors
 (`{"error", "error_type"}` bodies, and the same object as an SSE event at HTTP 200) become
 `UpstreamError`s: validation -> 400, overloaded -> 429, generation failures -> 502.
 """
@@ -25,6 +33,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +53,8 @@ from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import InvalidRequest, UpstreamError, UpstreamRejected
 from inferbridge.events import Event, Finish, TextDelta, Usage, normalize_finish
 from inferbridge.request import InferenceRequest
-from inferbridge.stops import StopCutter
+from inferbridge.stops import StopCutter, covering_stops
+from inferbridge.usage import estimate_tokens
 
 log = logging.getLogger("inferbridge.tgi")
 
@@ -229,13 +239,19 @@ def _top_logprobs(request: InferenceRequest) -> int:
     return int(p.get("top_logprobs") or 0) if p.get("logprobs") else 0
 
 
-def stops_for_tgi(stops: list[str], client: list[str], eos: str | None, limit: int) -> list[str]:
-    """The stop strings sent to TGI (at most `limit`): the client's, then the template's,
-    the template's EOS last. All of `stops` are enforced by inferbridge anyway."""
-    ordered = dict.fromkeys(s for s in client if s in stops)
-    ordered.update(dict.fromkeys(s for s in stops if s != eos))
-    ordered.update(dict.fromkeys(s for s in stops if s == eos))
-    return list(ordered)[: max(limit, 0)]
+def stops_for_tgi(
+    stops: list[str], client: list[str], eos: str | None, limit: int
+) -> tuple[list[str], list[str]]:
+    """`(sent, unsent)`: the covering set of `stops` (see `covering_stops`) ordered the
+    client's first, then the template's, the template's EOS last; the first `limit` are
+    sent to TGI. `unsent` are the others but the EOS (TGI stops on it by itself): those only
+    inferbridge can enforce. All of `stops` are cut here anyway."""
+    ordered = [s for s in client if s in stops]
+    ordered += [s for s in stops if s != eos]
+    ordered += [s for s in stops if s == eos]
+    covering = covering_stops(ordered)
+    limit = max(limit, 0)
+    return covering[:limit], [s for s in covering[limit:] if s != eos]
 
 
 # -- response translation ------------------------------------------------------------------
@@ -281,20 +297,32 @@ def _lp(token: Any) -> float:
 
 
 class TokenReader:
-    """Turns TGI tokens (or a whole generated text) into events, cutting at stop strings."""
+    """Turns TGI tokens (or a whole generated text) into events, cutting at stop strings.
 
-    def __init__(self, stops: list[str], logprobs: _Logprobs | None) -> None:
+    `prompt_chars` (the length of the prompt sent) is what the prompt side of usage is
+    estimated from when TGI does not count it."""
+
+    def __init__(self, stops: list[str], logprobs: _Logprobs | None, prompt_chars: int = 0) -> None:
         self.cutter = StopCutter(stops)
         self.stops = frozenset(stops)
         self.logprobs = logprobs
+        self.prompt_chars = prompt_chars
         self.stopped = False
+        self.finished = False
+        self.cut = False
+        """A stream was cut at a stop string before TGI's final event: TGI is still
+        generating, and the stream must be closed rather than read to its end."""
+        self.tokens = 0  # token events read (TGI streams one event per generated token)
+        self.chars = 0  # text emitted
 
     def _emit(self, text: str, out: list[Event], everything: bool = False) -> None:
         lp = self.logprobs.take(len(text), everything) if self.logprobs else None
         if text or lp:
+            self.chars += len(text)
             out.append(TextDelta(text, logprobs=lp))
 
     def token(self, token: dict[str, Any], tops: Any, out: list[Event]) -> None:
+        self.tokens += 1
         text = token.get("text") or ""
         if token.get("special"):
             if text in self.stops:  # a special token named as a stop string
@@ -313,12 +341,34 @@ class TokenReader:
     def finish(self, reason: str | None, out: list[Event]) -> None:
         if not self.stopped:
             self._emit(self.cutter.flush(), out, everything=True)
+        self.finished = True
         out.append(Finish("stop" if self.stopped else normalize_finish(reason)))
 
+    def usage(self, prompt: Any, completion: Any) -> Usage:
+        """Usage from the counts TGI gave (`None` or a non-count: not given); what is
+        missing is estimated, from the prompt sent and the text emitted."""
+        estimated = False
+        if not _is_count(prompt):
+            prompt, estimated = estimate_tokens(self.prompt_chars), True
+        if not _is_count(completion):
+            completion, estimated = estimate_tokens(self.chars), True
+        return Usage(prompt, completion, estimated=estimated)
 
-def generated_events(label: str, data: Any, reader: TokenReader) -> tuple[list[Event], int | None]:
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_count(headers: Any, name: str) -> int | None:
+    value = headers.get(name) if headers is not None else None
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
+def generated_events(
+    label: str, data: Any, reader: TokenReader
+) -> tuple[list[Event], dict[str, Any]]:
     """Events of one non-streamed TGI answer (`{"generated_text", "details"}`), and its
-    generated token count when the details carry it. Shared with the SageMaker adapter."""
+    `details` (`{}` without). Shared with the SageMaker adapter."""
     if not isinstance(data, dict) or not isinstance(data.get("generated_text"), str):
         raise UpstreamError(f"{label} answered without generated_text", backend=label)
     details = data.get("details") or {}
@@ -330,8 +380,7 @@ def generated_events(label: str, data: Any, reader: TokenReader) -> tuple[list[E
                 reader.logprobs.add(token, tops[i] if i < len(tops) else [])
     reader.text(data["generated_text"], out)
     reader.finish(details.get("finish_reason"), out)
-    completion = details.get("generated_tokens")
-    return out, completion if isinstance(completion, int) else None
+    return out, details
 
 
 class TGIBackend(Backend):
@@ -405,7 +454,7 @@ class TGIBackend(Backend):
         parameters = translate_params(request, info)
         template = self.prompts.template
         eos = template.eos_token if template is not None and request.kind == "chat" else None
-        sent = stops_for_tgi(stops, request.stop, eos, info.max_stop_sequences)
+        sent, unsent = stops_for_tgi(stops, request.stop, eos, info.max_stop_sequences)
         parameters.update(details=True, return_full_text=False)
         if sent:
             parameters["stop"] = sent
@@ -413,9 +462,11 @@ class TGIBackend(Backend):
         top = parameters.get("top_n_tokens", 0)
         wants = request.params.get("logprobs")
         logprobs = _Logprobs(request.kind == "chat", top) if wants else None
-        reader = TokenReader(stops, logprobs)
+        reader = TokenReader(stops, logprobs, len(prompt))
         try:
-            if request.stream:
+            # Stops TGI was not sent are cut here; only a stream can then be closed, which
+            # ends the generation (/generate would run on to max_new_tokens or EOS).
+            if request.stream or unsent:
                 async for batch in self._generate_stream(payload, reader):
                     yield batch
             else:
@@ -428,26 +479,38 @@ class TGIBackend(Backend):
     async def _generate(self, payload: dict[str, Any], reader: TokenReader) -> list[Event]:
         async with self.http.post("/generate", payload) as resp:
             data = await self.http.read_json(resp)
-            prompt_tokens = resp.headers.get("x-prompt-tokens")
-        out, completion = generated_events(self.label, data, reader)
-        if prompt_tokens and prompt_tokens.isdigit() and isinstance(completion, int):
-            out.append(Usage(int(prompt_tokens), completion))
+            headers = resp.headers
+        out, details = generated_events(self.label, data, reader)
+        completion = details.get("generated_tokens")
+        if not _is_count(completion):
+            completion = _header_count(headers, "x-generated-tokens")
+        out.append(reader.usage(_header_count(headers, "x-prompt-tokens"), completion))
         return out
 
     async def _generate_stream(
         self, payload: dict[str, Any], reader: TokenReader
     ) -> AsyncIterator[list[Event]]:
         def take(event: ServerSentEvent, batch: list[Event]) -> bool:
-            return self._event(event.data, reader, batch)
+            # a cut is not the protocol's end: the response must not be read on to it
+            return self._event(event.data, reader, batch) and not reader.cut
 
         parser = ItemParser(self.label, SSEDecoder(), take)
-        async with self.http.post("/generate_stream", payload) as resp:
-            async for batch in self.http.events(resp, parser):
+        async with (
+            self.http.post("/generate_stream", payload) as resp,
+            aclosing(self.http.events(resp, parser)) as batches,
+        ):
+            async for batch in batches:
                 yield batch
-        # leaving early (a stop string) closes the response: TGI stops generating
+                if reader.cut:
+                    # Cut at a stop string before TGI's end: leaving now closes the
+                    # response unread, which ends the request, and TGI stops generating.
+                    return
 
     def _event(self, data: bytes, reader: TokenReader, out: list[Event]) -> bool:
-        """Handle one SSE event; True when the answer is complete."""
+        """Handle one SSE event; True when no more are wanted: the answer is complete, or
+        was cut at a stop string before TGI's final event (then `reader.cut`)."""
+        if reader.finished:
+            return True
         event = load_json(self.label, data)
         if not isinstance(event, dict):
             raise UpstreamError(f"{self.label} sent an invalid stream event", backend=self.label)
@@ -459,8 +522,9 @@ class TGIBackend(Backend):
             return False
         details = (event.get("details") or {}) if final else {}
         reader.finish(details.get("finish_reason"), out)
-        if isinstance(details.get("input_length"), int) and isinstance(
-            details.get("generated_tokens"), int
-        ):
-            out.append(Usage(details["input_length"], details["generated_tokens"]))
+        reader.cut = not final
+        completion = details.get("generated_tokens")
+        if not _is_count(completion):
+            completion = reader.tokens  # one event per token: those read (all, if cut)
+        out.append(reader.usage(details.get("input_length"), completion))
         return True
