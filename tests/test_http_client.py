@@ -1,14 +1,17 @@
-"""HttpUpstream on inferbridge's own HTTP/1.1 client (backends/http1.py), against real sockets.
+"""HttpUpstream (aiohttp underneath) against scripted raw-socket upstreams.
 
 Scripted raw servers (asyncio.start_server) give byte-level control: close-delimited bodies,
-connections closed between requests, garbage, stalls. Every test runs on the default asyncio
-loop and on uvloop (the proxy's loop), each in its own `asyncio.Runner`.
+connections closed between requests, garbage, stalls, oversized heads and bodies, proxies,
+redirects. Each protection of the client has a test against an upstream that misbehaves on
+purpose. Every test runs on the default asyncio loop and on uvloop (the proxy's loop), each
+in its own `asyncio.Runner`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import inspect
 import shutil
@@ -18,12 +21,20 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 import uvloop
 
-from inferbridge.backends import http1
-from inferbridge.backends.http import HttpUpstream
-from inferbridge.errors import UpstreamError, UpstreamRejected, UpstreamTimeout
+from inferbridge.backends.http import HttpUpstream, ItemParser
+from inferbridge.config import TLSConfig
+from inferbridge.decoders import ServerSentEvent, SSEDecoder
+from inferbridge.errors import (
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from inferbridge.events import Event, Finish, TextDelta
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -129,6 +140,43 @@ async def upstream(url: str, **kw: Any) -> AsyncIterator[HttpUpstream]:
         await http.close()
 
 
+@pytest.fixture(autouse=True)
+def no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests talk to 127.0.0.1 directly, whatever proxy the machine is configured with."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class SSEParser(ItemParser):
+    """An OpenAI-style stream: `data: text` events, ended by `data: [DONE]`."""
+
+    def __init__(self) -> None:
+        super().__init__("backend 'x'", SSEDecoder())
+
+    def take(self, item: ServerSentEvent, batch: list[Event]) -> bool:
+        if item.data == b"[DONE]":
+            batch.append(Finish("stop"))
+            return True
+        batch.append(TextDelta(item.data.decode()))
+        return False
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 3.0) -> None:
+    """Poll until `condition()` holds (or fail after `seconds`)."""
+    async with asyncio.timeout(seconds):
+        while not condition():  # noqa: ASYNC110 (state kept by server handlers)
+            await asyncio.sleep(0.01)
+
+
+# -- the basics --------------------------------------------------------------------------------
 @both_loops
 async def test_content_length_body_headers_and_json() -> None:
     async def handle(conn: Conn) -> None:
@@ -172,7 +220,7 @@ async def test_request_line_headers_query_and_authorization() -> None:
     assert headers["authorization"] == "Bearer sk-1" and headers["x-org"] == "o"
     assert headers["host"] == srv.url.removeprefix("http://")
     assert headers["content-type"] == "application/json"
-    assert headers["accept-encoding"] == "identity"
+    assert headers["user-agent"] == "inferbridge"
     assert body == '{"m":"é"}'.encode() and headers["content-length"] == str(len(body))
     assert line2 == "GET /v1/models HTTP/1.1" and "content-length" not in headers2
     assert headers2["accept"] == "text/event-stream"  # replaces the default, no duplicate
@@ -183,7 +231,7 @@ async def test_request_line_headers_query_and_authorization() -> None:
 @both_loops
 async def test_header_injection_is_refused() -> None:
     async with Server(keep_answering) as srv, upstream(srv.url) as http:
-        with pytest.raises(ValueError, match="newline"):
+        with pytest.raises(ValueError, match="header injection"):
             async with http.request("GET", "/", headers={"X": "a\r\nEvil: 1"}):
                 pass
 
@@ -194,16 +242,34 @@ async def test_chunked_stream_arrives_before_the_end() -> None:
 
     async def handle(conn: Conn) -> None:
         await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await conn.send(CHUNKED_HEAD + chunk(b"first"))
         await asyncio.wait_for(more.wait(), 3)  # only once the client saw the first chunk
-        await conn.send(b"6\r\nsecond\r\n0\r\n\r\n")
+        await conn.send(chunk(b"second") + b"0\r\n\r\n")
 
     chunks = []
     async with Server(handle) as srv, upstream(srv.url) as http, http.post("/s", {}) as resp:
-        async for chunk in http.iter_chunks(resp):
-            chunks.append(chunk)
+        async for data in http.iter_chunks(resp):
+            chunks.append(data)
             more.set()
     assert chunks == [b"first", b"second"]
+
+
+@both_loops
+async def test_events_yields_one_batch_per_read_before_the_end() -> None:
+    more = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(CHUNKED_HEAD + chunk(b"data: He\n\ndata: l"))
+        await asyncio.wait_for(more.wait(), 3)  # only once the client saw the first batch
+        await conn.send(chunk(b"lo\n\ndata: [DONE]\n\n") + b"0\r\n\r\n")
+
+    batches = []
+    async with Server(handle) as srv, upstream(srv.url) as http, http.post("/s", {}) as resp:
+        async for batch in http.events(resp, SSEParser()):
+            batches.append([getattr(e, "text", getattr(e, "reason", None)) for e in batch])
+            more.set()
+    assert batches == [["He"], ["llo", "stop"]]
 
 
 @both_loops
@@ -253,37 +319,6 @@ async def test_unread_complete_answer_keeps_the_connection() -> None:
 
 
 @both_loops
-async def test_stale_pooled_connection_is_retried_once_on_a_fresh_one() -> None:
-    both = asyncio.Event()
-
-    async def handle(conn: Conn) -> None:
-        number = srv.connections
-        srv.seen.append(await conn.request())  # type: ignore[arg-type]
-        while number > 2:
-            await conn.answer(b'{"n": 1}')
-            if (req := await conn.request()) is None:
-                return
-            srv.seen.append(req)
-        if number == 2:
-            both.set()
-        await asyncio.wait_for(both.wait(), 3)  # two requests at once: two pooled connections
-        await conn.answer(b'{"n": 1}')
-        srv.seen.append(await conn.request())  # type: ignore[arg-type]
-        # ... and hang up without answering the next request (a keep-alive race lost)
-
-    async def call() -> Any:
-        async with http.post("/generate", {"x": 1}) as resp:
-            return await http.read_json(resp)
-
-    srv = Server(handle)
-    async with srv, upstream(srv.url) as http:
-        assert await asyncio.gather(call(), call()) == [{"n": 1}, {"n": 1}]
-        assert await call() == {"n": 1}  # stale connection 2, then a new one (not stale 1)
-        assert await call() == {"n": 1}
-    assert srv.connections == 3 and len(srv.seen) == 5
-
-
-@both_loops
 async def test_connection_closed_while_idle_is_not_reused() -> None:
     async def handle(conn: Conn) -> None:
         await conn.request()
@@ -306,142 +341,29 @@ async def test_fresh_connection_closed_without_answer_is_an_error() -> None:
         with pytest.raises(UpstreamError, match="closed the connection mid-response"):
             async with http.post("/generate", {}):
                 pass
-    assert srv.connections == 1  # not retried: it was not a pooled connection
+    assert srv.connections == 1
 
 
 @pytest.mark.parametrize(
-    "answer",
+    ("answer", "message"),
     [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ndata\r\n",
-        b"NOT HTTP AT ALL\r\n\r\n",
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this", "closed the connection"),
+        (CHUNKED_HEAD + chunk(b"data"), "closed the connection"),
+        (b"NOT HTTP AT ALL\r\n\r\n", "sent an invalid answer"),
     ],
     ids=["short-content-length", "chunked-cut", "garbage"],
 )
 @both_loops
-async def test_broken_answers_are_mapped(answer: bytes) -> None:
+async def test_broken_answers_are_mapped(answer: bytes, message: str) -> None:
     async def handle(conn: Conn) -> None:
         await conn.request()
         await conn.send(answer)
 
     async with Server(handle) as srv, upstream(srv.url) as http:
-        with pytest.raises(UpstreamError, match="closed the connection mid-response"):
+        with pytest.raises(UpstreamError, match=f"backend 'x' {message}"):
             async with http.request("GET", "/") as resp:
                 async for _ in http.iter_chunks(resp):
                     pass
-
-
-@both_loops
-async def test_early_exit_closes_the_connection() -> None:
-    closed = asyncio.Event()
-
-    async def handle(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\none\r\n")
-        if await conn.client_closed():
-            closed.set()
-
-    async with Server(handle) as srv, upstream(srv.url) as http:
-        async with http.post("/stream", {}) as resp:
-            async for _ in http.iter_chunks(resp):
-                break
-        await asyncio.wait_for(closed.wait(), 3)
-        async with http.post("/stream", {}) as resp:  # a new connection, not the closed one
-            pass
-    assert srv.connections == 2
-
-
-@both_loops
-async def test_cancelled_reader_closes_the_connection() -> None:
-    closed = asyncio.Event()
-
-    async def handle(conn: Conn) -> None:
-        await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\none\r\n")
-        if await conn.client_closed():
-            closed.set()
-
-    async def consume(http: HttpUpstream, first: asyncio.Event) -> None:
-        async with http.post("/stream", {}) as resp:
-            async for _ in http.iter_chunks(resp):
-                first.set()
-
-    async with Server(handle) as srv, upstream(srv.url) as http:
-        first = asyncio.Event()
-        task = asyncio.create_task(consume(http, first))
-        await asyncio.wait_for(first.wait(), 3)
-        task.cancel()  # the client of the proxy went away
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await asyncio.wait_for(closed.wait(), 3)
-
-
-@both_loops
-async def test_total_timeout_before_the_head_and_mid_body() -> None:
-    async def handle(conn: Conn) -> None:
-        req = await conn.request()
-        assert req is not None
-        if req[0].startswith("GET /body"):
-            await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-        await asyncio.sleep(5)
-
-    async with Server(handle) as srv, upstream(srv.url, timeout=0.2) as http:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        with pytest.raises(UpstreamTimeout, match="did not answer in time"):
-            async with http.request("GET", "/head"):
-                pass
-        with pytest.raises(UpstreamTimeout):
-            async with http.request("GET", "/body") as resp:
-                await http.read_json(resp)
-        with pytest.raises(UpstreamTimeout):  # a per-request timeout, as tgi/ollama pass it
-            async with http.request("GET", "/head", timeout=0.1):
-                pass
-        assert loop.time() - start < 2
-
-
-@both_loops
-async def test_timer_is_cancelled_once_the_body_is_complete() -> None:
-    async with (
-        Server(keep_answering) as srv,
-        upstream(srv.url, timeout=0.1) as http,
-        http.request("GET", "/") as resp,
-    ):
-        await resp.read()
-        await asyncio.sleep(0.2)  # holding a complete answer past the timeout is fine
-        assert await resp.read() == b'{"ok": true}'
-
-
-@both_loops
-async def test_deadlines_of_successive_requests_on_one_connection() -> None:
-    """One timer per connection serves every request on it: a later request's deadline,
-    earlier or later than the one the timer was armed for, is the one kept."""
-
-    async def handle(conn: Conn) -> None:
-        while (req := await conn.request()) is not None:
-            if req[0].startswith("GET /hang"):
-                await asyncio.sleep(5)
-            if req[0].startswith("GET /slow"):
-                await asyncio.sleep(0.25)
-            await conn.answer(b'{"ok": true}')
-
-    async with Server(handle) as srv, upstream(srv.url, timeout=0.3) as http:
-        loop = asyncio.get_running_loop()
-        async with http.request("GET", "/") as resp:  # arms the connection's timer: +0.3 s
-            await resp.read()
-        # an earlier deadline than the one armed (its 0.05 s, against the first one's 0.3 s)
-        start = loop.time()
-        with pytest.raises(UpstreamTimeout):
-            async with http.request("GET", "/hang", timeout=0.05):
-                pass
-        assert loop.time() - start < 0.2
-        # (that connection was closed) a later one: it must not time out at the first's
-        async with http.request("GET", "/") as resp:
-            await resp.read()
-        await asyncio.sleep(0.15)
-        async with http.request("GET", "/slow") as resp:
-            assert await http.read_json(resp) == {"ok": True}
-    assert srv.connections == 2
 
 
 @both_loops
@@ -490,20 +412,19 @@ async def test_large_stream_is_intact_under_flow_control() -> None:
 
     async def handle(conn: Conn) -> None:
         await conn.request()
-        await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await conn.send(CHUNKED_HEAD)
         for i in range(0, len(blob), 16384):
-            piece = blob[i : i + 16384]
-            conn.writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            conn.writer.write(chunk(blob[i : i + 16384]))
         await conn.send(b"0\r\n\r\n")
 
     digest, sizes = hashlib.sha256(), []
     async with Server(handle) as srv, upstream(srv.url) as http, http.post("/big", {}) as resp:
-        async for chunk in http.iter_chunks(resp):
-            digest.update(chunk)
-            sizes.append(len(chunk))
+        async for data in http.iter_chunks(resp):
+            digest.update(data)
+            sizes.append(len(data))
             await asyncio.sleep(0.002)  # a slow reader: the client must stop reading
     assert sum(sizes) == len(blob) and digest.digest() == hashlib.sha256(blob).digest()
-    assert max(sizes) <= 2 * http1.HIGH_WATER + 65536, max(sizes)
+    assert max(sizes) <= 2 * 1024 * 1024, max(sizes)  # buffered, not the whole 5 MiB
 
 
 @both_loops
@@ -527,10 +448,7 @@ async def test_absolute_url_to_another_origin() -> None:
 
 
 @both_loops
-async def test_close_and_idle_expiry_close_pooled_connections(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(http1, "KEEPALIVE", 0.1)
+async def test_close_closes_pooled_connections_and_stops_the_client() -> None:
     closed: list[bool] = []
 
     async def handle(conn: Conn) -> None:
@@ -541,60 +459,597 @@ async def test_close_and_idle_expiry_close_pooled_connections(
     async with Server(handle) as srv, upstream(srv.url) as http:
         async with http.request("GET", "/") as resp:
             await resp.read()
-        for _ in range(40):  # the idle sweep closes it after KEEPALIVE
-            if closed:
-                break
-            await asyncio.sleep(0.05)
-        assert closed == [True]
-        monkeypatch.setattr(http1, "KEEPALIVE", 60.0)
-        async with http.request("GET", "/") as resp:
-            await resp.read()
         await http.close()  # closing the upstream closes its idle connections
-        for _ in range(40):
-            if len(closed) == 2:
-                break
-            await asyncio.sleep(0.05)
-        assert closed == [True, True]
+        await wait_for(lambda: closed == [True])
         with pytest.raises(UpstreamError, match="client not started"):
             async with http.request("GET", "/"):
                 pass
 
 
-@pytest.fixture
-def tls_files(tmp_path: Any) -> tuple[str, str]:
+# -- 1. a connection limit per origin, with a queue and a wait limit -------------------------
+@both_loops
+async def test_connection_limit_queues_then_times_out() -> None:
+    release = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await asyncio.wait_for(release.wait(), 3)
+            await conn.answer()
+
+    async def call() -> int:
+        async with http.request("GET", "/") as resp:
+            await resp.read()
+            return resp.status
+
+    srv = Server(handle)
+    async with srv, upstream(srv.url, max_connections=2, pool_timeout=0.3) as http:
+        held = [asyncio.create_task(call()) for _ in range(2)]
+        await wait_for(lambda: srv.connections == 2)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(UpstreamUnavailable, match=r"backend 'x' has no free connection.*2"):
+            await call()  # waits pool_timeout for one of the two, then gives up
+        assert 0.25 < loop.time() - start < 2
+        queued = asyncio.create_task(call())  # waits in the queue ...
+        await asyncio.sleep(0.1)
+        assert srv.connections == 2 and not queued.done()
+        release.set()  # ... and gets a connection once one is free
+        assert await asyncio.gather(*held, queued) == [200, 200, 200]
+    assert srv.connections == 2
+
+
+# -- 2. connect, read (idle) and total timeouts --------------------------------------------
+@both_loops
+async def test_connect_timeout() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []  # fill the accept queue: the next connect is not answered
+    for _ in range(3):
+        sock = socket.socket()
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.connect(("127.0.0.1", port))
+        fillers.append(sock)
+    http = HttpUpstream(f"http://127.0.0.1:{port}", label="backend 'x'", timeout=5.0,
+                        connect_timeout=0.2)  # fmt: skip
+    await http.start()
+    try:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(UpstreamTimeout, match="backend 'x' did not answer in time"):
+            async with http.request("GET", "/"):
+                pass
+        assert loop.time() - start < 1.5
+    finally:
+        await http.close()
+        for sock in (*fillers, listener):
+            sock.close()
+
+
+@both_loops
+async def test_read_timeout_is_the_silence_between_reads() -> None:
+    async def handle(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            if req[0].startswith("GET /trickle"):  # a byte every 0.1 s for 0.6 s: never idle
+                await conn.send(CHUNKED_HEAD)
+                for _ in range(6):
+                    await asyncio.sleep(0.1)
+                    await conn.send(chunk(b"."))
+                await conn.send(b"0\r\n\r\n")
+            else:  # the head and a first piece, then silence
+                await conn.send(CHUNKED_HEAD + chunk(b"x"))
+                await asyncio.sleep(5)
+
+    async with Server(handle) as srv, upstream(srv.url, read_timeout=0.3) as http:
+        async with http.request("GET", "/trickle") as resp:
+            assert await resp.read() == b"......"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(UpstreamTimeout, match=r"backend 'x' did not answer.*read_timeout"):
+            async with http.request("GET", "/stall") as resp:
+                await resp.read()
+        with pytest.raises(UpstreamTimeout, match="read_timeout"):
+            async with http.request("GET", "/stall") as resp:
+                async for _ in http.iter_chunks(resp):
+                    pass
+        assert loop.time() - start < 1.5
+
+
+@both_loops
+async def test_read_timeout_does_not_poison_pooled_connections() -> None:
+    """A large body that ends while the reader is behind (reading paused) goes back to the
+    pool; with aiohttp's own `sock_read`, its timer would be re-armed there and the next
+    request on the connection would fail at once."""
+    body = b"x" * 600_000
+
+    async def handle(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.answer(body)
+
+    async with Server(handle) as srv, upstream(srv.url, read_timeout=0.2) as http:
+        for _ in range(4):
+            async with http.request("GET", "/big") as resp:
+                await asyncio.sleep(0.05)  # the whole answer arrives before the first read
+                size = 0
+                async for data in http.iter_chunks(resp):
+                    size += len(data)
+                    await asyncio.sleep(0.001)
+                assert size == len(body)
+            await asyncio.sleep(0.3)  # longer than read_timeout, idle in the pool
+    assert srv.connections == 1
+
+
+@both_loops
+async def test_total_timeout_before_the_head_and_mid_body() -> None:
+    async def handle(conn: Conn) -> None:
+        req = await conn.request()
+        assert req is not None
+        if req[0].startswith("GET /body"):
+            await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await asyncio.sleep(5)
+
+    async with Server(handle) as srv, upstream(srv.url, timeout=0.2) as http:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(UpstreamTimeout, match="did not answer in time"):
+            async with http.request("GET", "/head"):
+                pass
+        with pytest.raises(UpstreamTimeout):
+            async with http.request("GET", "/body") as resp:
+                await http.read_json(resp)
+        with pytest.raises(UpstreamTimeout):  # a per-request timeout, as tgi/ollama pass it
+            async with http.request("GET", "/head", timeout=0.1):
+                pass
+        assert loop.time() - start < 2
+
+
+@both_loops
+async def test_timeout_does_not_fire_once_the_body_is_complete() -> None:
+    async with (
+        Server(keep_answering) as srv,
+        upstream(srv.url, timeout=0.1) as http,
+        http.request("GET", "/") as resp,
+    ):
+        await resp.read()
+        await asyncio.sleep(0.2)  # holding a complete answer past the timeout is fine
+        assert await resp.read() == b'{"ok": true}'
+
+
+@both_loops
+async def test_per_request_timeouts_on_one_connection() -> None:
+    async def handle(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            if req[0].startswith("GET /hang"):
+                await asyncio.sleep(5)
+            if req[0].startswith("GET /slow"):
+                await asyncio.sleep(0.25)
+            await conn.answer(b'{"ok": true}')
+
+    async with Server(handle) as srv, upstream(srv.url, timeout=0.3) as http:
+        loop = asyncio.get_running_loop()
+        async with http.request("GET", "/") as resp:
+            await resp.read()
+        start = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            async with http.request("GET", "/hang", timeout=0.05):
+                pass
+        assert loop.time() - start < 0.2
+        async with http.request("GET", "/") as resp:  # a new connection (that one was closed)
+            await resp.read()
+        await asyncio.sleep(0.15)
+        async with http.request("GET", "/slow") as resp:  # its own 0.3 s, from its start
+            assert await http.read_json(resp) == {"ok": True}
+    assert srv.connections == 2
+
+
+# -- 3. response head limits -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 40_000 + b"Content-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 100_000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 " + b"O" * 100_000 + b"\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+    ids=["40k-headers", "huge-field", "huge-status-line"],
+)
+@both_loops
+async def test_oversized_answer_heads_are_refused_quickly(head: bytes) -> None:
+    async def handle(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(head)
+        await asyncio.sleep(5)
+
+    async with Server(handle) as srv, upstream(srv.url) as http:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(UpstreamError, match="backend 'x' sent an invalid answer"):
+            async with http.post("/generate", {}) as resp:
+                await resp.read()
+        assert loop.time() - start < 1.0
+
+
+# -- 4. the non-streamed body limit --------------------------------------------------------
+@both_loops
+async def test_body_limit_refuses_and_drops_large_answers() -> None:
+    closed: list[str] = []
+
+    async def handle(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            path = req[0].split()[1]
+            if path == "/declared":  # a Content-Length above the limit: refused unread
+                await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n")
+            elif path == "/endless":  # no declared length, and no end
+                await conn.send(CHUNKED_HEAD)
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(1000):
+                        await conn.send(chunk(b"x" * 500))
+                        await asyncio.sleep(0.001)
+            elif path == "/bomb":  # small on the wire, too large once decompressed
+                bomb = gzip.compress(b"0" * 1_000_000)
+                await conn.answer(bomb, extra="Content-Encoding: gzip\r\n")
+                continue
+            else:
+                await conn.answer(b"y" * 1000)  # exactly the limit
+                continue
+            if await conn.client_closed():
+                closed.append(path)
+            return
+
+    async with Server(handle) as srv, upstream(srv.url, max_response_bytes=1000) as http:
+        for path in ("/declared", "/endless", "/bomb"):
+            with pytest.raises(UpstreamError, match=r"backend 'x' sent an answer larger than"):
+                async with http.request("GET", path) as resp:
+                    await http.read_json(resp)
+        async with http.request("GET", "/fits") as resp:
+            assert await resp.read() == b"y" * 1000
+        await wait_for(lambda: len(closed) == 2)
+    assert sorted(closed) == ["/declared", "/endless"]  # the aborted bodies were cut off
+
+
+# -- 5. proxies: the entry's, or the environment's -------------------------------------------
+def proxy_server() -> Server:
+    """A stand-in forward proxy: records the absolute-form requests, answers them itself."""
+
+    async def handle(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            srv.seen.append(req)
+            await conn.answer(b'{"via": "proxy"}')
+
+    srv = Server(handle)
+    return srv
+
+
+@both_loops
+async def test_proxy_of_the_entry() -> None:
+    async with proxy_server() as proxy:
+        url = "http://upstream.invalid:8000/v1"
+        async with upstream(url, proxy=proxy.url) as http, http.post("/x", {}) as resp:
+            assert await http.read_json(resp) == {"via": "proxy"}
+    ((line, headers, _),) = proxy.seen
+    assert line == "POST http://upstream.invalid:8000/v1/x HTTP/1.1"
+    assert headers["host"] == "upstream.invalid:8000"
+
+
+@both_loops
+async def test_proxy_from_the_environment_and_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with proxy_server() as proxy, Server(keep_answering) as direct:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        async with upstream("http://upstream.invalid") as http, http.request("GET", "/a"):
+            pass
+        assert [line for line, _, _ in proxy.seen] == ["GET http://upstream.invalid/a HTTP/1.1"]
+        monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+        async with upstream(direct.url) as http, http.request("GET", "/b") as resp:
+            assert await resp.read() == b'{"ok": true}'
+        assert len(proxy.seen) == 1 and direct.connections == 1
+        monkeypatch.setenv("NO_PROXY", "*")  # the entry's own proxy still applies
+        async with (
+            upstream("http://upstream.invalid", proxy=proxy.url) as http,
+            http.request("GET", "/c"),
+        ):
+            pass
+        assert len(proxy.seen) == 2
+
+
+# -- 6. TLS: CA file, verification, client certificate ---------------------------------------
+def make_cert(directory: Any, name: str) -> tuple[str, str]:
     """A self-signed certificate for 127.0.0.1 (openssl CLI) and its key."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command")
-    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    cert, key = str(directory / f"{name}.pem"), str(directory / f"{name}.key")
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+         "-nodes", "-days", "1", "-subj", f"/CN={name}", "-addext",
          "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
         check=True, capture_output=True, timeout=20,
     )  # fmt: skip
     return cert, key
 
 
-@both_loops
-async def test_https_verifies_the_certificate(
-    tls_files: tuple[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cert, key = tls_files
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert, key)
+@pytest.fixture
+def tls_files(tmp_path: Any) -> dict[str, tuple[str, str]]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    return {"server": make_cert(tmp_path, "server"), "client": make_cert(tmp_path, "client")}
+
+
+def tls_server(files: dict[str, tuple[str, str]], client_cert: bool = False) -> Server:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*files["server"])
+    if client_cert:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(files["client"][0])
     srv = Server(keep_answering)
-    srv.ssl = server_ctx
+    srv.ssl = ctx
+    return srv
+
+
+@both_loops
+async def test_https_verifies_the_certificate_against_ca_file(
+    tls_files: dict[str, tuple[str, str]],
+) -> None:
+    srv = tls_server(tls_files)
     async with srv:
         url = srv.url.replace("http://", "https://")
-        async with upstream(url) as http:  # the default context does not trust it
+        async with upstream(url) as http:  # the system's CAs do not trust it
             with pytest.raises(UpstreamError, match=r"unreachable.*CERTIFICATE_VERIFY_FAILED"):
                 async with http.request("GET", "/"):
                     pass
-        monkeypatch.setattr(http1, "_ssl_context", ssl.create_default_context(cafile=cert))
-        async with upstream(url) as http:
+        async with upstream(url, tls=TLSConfig(ca_file=tls_files["server"][0])) as http:
             for _ in range(3):
                 async with http.post("/x", {}) as resp:
                     assert await http.read_json(resp) == {"ok": True}
-    assert (
-        srv.connections == 1
-    )  # one kept-alive TLS connection (handshakes that failed never count)
+        async with (
+            upstream(url, tls=TLSConfig(verify=False)) as http,
+            http.request("GET", "/") as resp,
+        ):
+            assert resp.status == 200
+    assert srv.connections == 2  # one kept-alive TLS connection per client that trusted it
+
+
+@both_loops
+async def test_https_client_certificate(tls_files: dict[str, tuple[str, str]]) -> None:
+    srv = tls_server(tls_files, client_cert=True)
+    async with srv:
+        url = srv.url.replace("http://", "https://")
+        ca = tls_files["server"][0]
+        async with upstream(url, tls=TLSConfig(ca_file=ca)) as http:  # no client certificate
+            with pytest.raises(UpstreamError, match="backend 'x'"):
+                async with http.request("GET", "/") as resp:
+                    await resp.read()
+        cert, key = tls_files["client"]
+        tls = TLSConfig(ca_file=ca, client_cert=cert, client_key=key)
+        async with upstream(url, tls=tls) as http, http.request("GET", "/") as resp:
+            assert await http.read_json(resp) == {"ok": True}
+
+
+# -- 7. compressed answers -------------------------------------------------------------------
+@both_loops
+async def test_gzip_answers_are_decompressed() -> None:
+    async def handle(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            srv.seen.append(req)
+            body = gzip.compress(b'{"text": "' + b"la " * 1000 + b'"}')
+            await conn.answer(body, extra="Content-Encoding: gzip\r\n")
+
+    srv = Server(handle)
+    async with srv, upstream(srv.url) as http, http.post("/generate", {}) as resp:
+        assert await http.read_json(resp) == {"text": "la " * 1000}
+    ((_, headers, _),) = srv.seen
+    assert "gzip" in headers["accept-encoding"]
+
+
+# -- 8. redirects are errors, never followed -------------------------------------------------
+@both_loops
+async def test_redirect_is_an_error_and_is_not_followed() -> None:
+    async def handle(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            srv.seen.append(req)
+            await conn.answer(b"", "307 Temporary Redirect", f"Location: {srv.url}/elsewhere\r\n")
+
+    srv = Server(handle)
+    async with srv, upstream(srv.url) as http:
+        with pytest.raises(UpstreamError, match=r"backend 'x' answered with an unexpected redir"):
+            async with http.post("/generate", {"q": 1}):
+                pass
+    assert [line for line, _, _ in srv.seen] == ["POST /generate HTTP/1.1"]
+
+
+# -- 9. a request that may have reached the upstream is never sent again ---------------------
+@both_loops
+async def test_post_is_never_replayed_on_a_reused_connection() -> None:
+    async def handle(conn: Conn) -> None:
+        srv.seen.append(await conn.request())  # type: ignore[arg-type]
+        await conn.answer(b'{"n": 1}')  # a keep-alive answer ...
+        srv.seen.append(await conn.request())  # type: ignore[arg-type]
+        # ... then the next request is read, and the connection closed without an answer
+
+    srv = Server(handle)
+    async with srv, upstream(srv.url) as http:
+        async with http.post("/generate", {"x": 1}) as resp:
+            assert await http.read_json(resp) == {"n": 1}
+        with pytest.raises(UpstreamError, match="closed the connection mid-response"):
+            async with http.post("/generate", {"x": 2}):
+                pass
+        await asyncio.sleep(0.1)
+    assert srv.connections == 1 and [body for _, _, body in srv.seen] == [b'{"x":1}', b'{"x":2}']
+
+
+@both_loops
+async def test_stale_pooled_connection_is_retried_once_for_a_get() -> None:
+    async def handle(conn: Conn) -> None:
+        number = srv.connections
+        srv.seen.append(await conn.request())  # type: ignore[arg-type]
+        if number == 1:
+            await conn.answer(b'{"n": 1}')
+            srv.seen.append(await conn.request())  # type: ignore[arg-type]
+            return  # closed without answering: a keep-alive race lost
+        await conn.answer(b'{"n": 2}')
+
+    srv = Server(handle)
+    async with srv, upstream(srv.url) as http:
+        for expected in ({"n": 1}, {"n": 2}):
+            async with http.request("GET", "/status") as resp:
+                assert await http.read_json(resp) == expected
+    assert srv.connections == 2 and len(srv.seen) == 3  # GET is idempotent: sent again
+
+
+# -- 10. a connection with part of an answer left is never reused ----------------------------
+@both_loops
+async def test_early_exit_closes_the_connection() -> None:
+    closed = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(CHUNKED_HEAD + chunk(b"one"))
+        if await conn.client_closed():
+            closed.set()
+
+    async with Server(handle) as srv, upstream(srv.url) as http:
+        async with http.post("/stream", {}) as resp:
+            async for _ in http.iter_chunks(resp):
+                break
+        await asyncio.wait_for(closed.wait(), 3)
+        async with http.post("/stream", {}) as resp:  # a new connection, not the closed one
+            pass
+    assert srv.connections == 2
+
+
+@both_loops
+async def test_unread_partial_body_is_not_pooled() -> None:
+    """The rest of a body sent after the client left it must never reach the next request."""
+
+    async def handle(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            if req[0].startswith("GET /partial"):
+                await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nstale")
+                await asyncio.sleep(0.1)
+                with contextlib.suppress(ConnectionError):
+                    await conn.send(b"stale")  # the body's end, once the client has left
+            else:
+                await conn.answer(b'{"fresh": true}')
+
+    async with Server(handle) as srv, upstream(srv.url) as http:
+        async with http.request("GET", "/partial"):
+            pass
+        await asyncio.sleep(0.2)
+        async with http.request("GET", "/next") as resp:
+            assert await http.read_json(resp) == {"fresh": True}
+    assert srv.connections == 2
+
+
+@both_loops
+async def test_cancelled_reader_closes_the_connection() -> None:
+    closed = asyncio.Event()
+
+    async def handle(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(CHUNKED_HEAD + chunk(b"one"))
+        if await conn.client_closed():
+            closed.set()
+
+    async def consume(http: HttpUpstream, first: asyncio.Event) -> None:
+        async with http.post("/stream", {}) as resp:
+            async for _ in http.iter_chunks(resp):
+                first.set()
+
+    async with Server(handle) as srv, upstream(srv.url) as http:
+        first = asyncio.Event()
+        task = asyncio.create_task(consume(http, first))
+        await asyncio.wait_for(first.wait(), 3)
+        task.cancel()  # the client of the proxy went away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(closed.wait(), 3)
+
+
+# -- 11. a stream's end marker before the body's end still lets the connection be reused -----
+@both_loops
+async def test_stream_ended_before_its_final_chunk_keeps_the_connection() -> None:
+    async def handle(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(CHUNKED_HEAD + chunk(b"data: hi\n\n") + chunk(b"data: [DONE]\n\n"))
+            await asyncio.sleep(0.05)  # the terminator comes in a later read
+            await conn.send(b"0\r\n\r\n")
+
+    async with Server(handle) as srv, upstream(srv.url) as http:
+        for _ in range(2):
+            events: list[Event] = []
+            async with http.post("/stream", {}) as resp:
+                async for batch in http.events(resp, SSEParser()):
+                    events.extend(batch)
+            assert isinstance(events[-1], Finish)
+        async with http.post("/stream", {}) as resp:  # a consumer that stops at the end
+            async for batch in http.events(resp, SSEParser()):
+                if isinstance(batch[-1], Finish):
+                    break
+    assert srv.connections == 1
+
+
+@both_loops
+async def test_stream_that_never_ends_after_its_marker_is_dropped_in_time() -> None:
+    async def handle(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(CHUNKED_HEAD + chunk(b"data: [DONE]\n\n"))
+            await asyncio.sleep(10)  # and never the terminator
+
+    async with Server(handle) as srv, upstream(srv.url) as http:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with http.post("/stream", {}) as resp:
+            async for _ in http.events(resp, SSEParser()):
+                pass
+        assert loop.time() - start < 2.5
+        with pytest.raises(UpstreamTimeout):  # a new connection: the old one was dropped
+            async with http.post("/stream", {}, timeout=0.2) as resp:
+                await resp.read()
+    assert srv.connections == 2
+
+
+# -- 12. line breaks from upstream data never reach the request line --------------------------
+@both_loops
+async def test_line_breaks_in_a_path_do_not_inject() -> None:
+    async def handle(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            srv.seen.append(req)
+            await conn.answer()
+
+    srv = Server(handle)
+    evil = "abc\r\nX-Injected: 1\r\n\r\nGET /smuggled HTTP/1.1"
+    async with srv, upstream(srv.url) as http:
+        for path in (f"/predictions/{evil}", f"{srv.url}/predictions/{evil}/cancel"):
+            with contextlib.suppress(UpstreamError, ValueError):  # refusing it is fine too
+                async with http.request("POST", path):
+                    pass
+        await asyncio.sleep(0.1)
+    for line, headers, _ in srv.seen:
+        assert "x-injected" not in headers and "\r" not in line and "\n" not in line
+        assert line.startswith("POST /predictions/abc")
+    assert all(not line.startswith("GET") for line, _, _ in srv.seen)
+
+
+# -- 13. one aiohttp session per upstream ----------------------------------------------------
+@both_loops
+async def test_one_session_per_upstream(monkeypatch: pytest.MonkeyPatch) -> None:
+    sessions: list[aiohttp.ClientSession] = []
+    real = aiohttp.ClientSession
+
+    def counting(*args: Any, **kw: Any) -> aiohttp.ClientSession:
+        sessions.append(real(*args, **kw))
+        return sessions[-1]
+
+    monkeypatch.setattr(aiohttp, "ClientSession", counting)
+
+    async def call() -> None:
+        async with http.post("/x", {}) as resp:
+            await http.read_json(resp)
+
+    async with Server(keep_answering) as srv:
+        http = HttpUpstream(srv.url, label="backend 'x'", timeout=5.0, connect_timeout=2.0)
+        assert sessions == []  # nothing before start()
+        await http.start()
+        await http.start()
+        await asyncio.gather(*(call() for _ in range(5)))
+        await call()
+        assert len(sessions) == 1 and not sessions[0].closed
+        await http.close()
+        assert sessions[0].closed

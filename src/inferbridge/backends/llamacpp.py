@@ -291,15 +291,7 @@ class LlamaCppBackend(Backend):
     def __init__(self, config: LlamaCppSettings) -> None:  # type: ignore[override]
         super().__init__(config)
         self.settings = config
-        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-        self.http = HttpUpstream(
-            config.url,
-            label=self.label,
-            timeout=config.timeout,
-            connect_timeout=config.connect_timeout,
-            headers={**headers, **config.headers},
-            error_mapper=llamacpp_error,
-        )
+        self.http = HttpUpstream.for_deployment(config, self.label, error_mapper=llamacpp_error)
         self.builder = PromptBuilder(config, strip_bos=True)  # /completion adds BOS itself
         self._template_lock = asyncio.Lock()
 
