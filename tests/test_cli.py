@@ -11,7 +11,9 @@ import time
 import httpx
 import openai
 import pytest
+import yaml
 
+from inferbridge.cli import main
 from inferbridge.config import load_config
 from inferbridge.inference_server import InferenceServerError, parse_inference_server
 from tests.fakes.openai_compat import FakeOpenAI
@@ -183,3 +185,89 @@ def test_bad_config_exits_2_with_a_clear_message(tmp_path):
     out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 2
     assert "models[0] (m): url" in out
+
+
+# -- one command to a real model, and a check that means it will work -------------------------
+def test_backend_url_and_models_make_entries_and_print_as_yaml(capsys):
+    args = [
+        "serve",
+        "--backend", "ollama", "--url", "http://127.0.0.1:11434",
+        "--model", "qwen2.5:7b", "--model", "llama3.2",
+        "--backend", "vllm", "--url", "http://127.0.0.1:8000/v1", "--model", "mistral",
+        "--print-config",
+    ]  # fmt: skip
+    assert main(args) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["models"] == [
+        {"name": "qwen2.5:7b", "backend": "ollama", "url": "http://127.0.0.1:11434"},
+        {"name": "llama3.2", "backend": "ollama", "url": "http://127.0.0.1:11434"},
+        {"name": "mistral", "backend": "vllm", "url": "http://127.0.0.1:8000/v1"},
+    ]
+    # what it printed is a config file that loads
+    load_config(data=printed, environ={})
+
+
+def test_a_model_without_a_backend_is_refused(capsys):
+    assert main(["serve", "--model", "m", "--print-config"]) == 2
+    assert "--backend" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("spec", "backend", "url"),
+    [
+        ("tgi:127.0.0.1:8080", "tgi", "http://127.0.0.1:8080"),
+        ("ollama:127.0.0.1:11434", "ollama", "http://127.0.0.1:11434"),
+        ("llamacpp:http://gpu:8080/", "llamacpp", "http://gpu:8080"),
+        ("gpu:8080", "tgi", "http://gpu:8080"),
+    ],
+)
+def test_more_inference_server_forms(spec, backend, url):
+    entry = parse_inference_server(spec, "m")
+    assert (entry["backend"], entry["url"]) == (backend, url)
+
+
+@pytest.mark.parametrize("spec", ["vllm:127.0.0.1", "tgi:gpu", "ollama:host:port"])
+def test_a_missing_port_is_an_error_not_port_80(spec):
+    with pytest.raises(InferenceServerError, match="port"):
+        parse_inference_server(spec, "m")
+
+
+def test_check_without_the_secrets_lists_the_variables(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("NEEDED_KEY", raising=False)
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "models:\n  - name: a\n    backend: openai\n    api_key: os.environ/NEEDED_KEY\n"
+    )
+    assert main(["check", "--config", str(path)]) == 2
+    assert main(["check", "--no-env", "--config", str(path)]) == 0
+    assert "NEEDED_KEY" in capsys.readouterr().out
+
+
+def test_check_probe_says_what_answers_at_each_entry(tmp_path, capsys):
+    from tests.fakes.ollama import FakeOllama
+
+    with FakeOllama() as ollama, FakeOpenAI() as vllm:
+        path = tmp_path / "c.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "models": [
+                        {"name": "pulled", "backend": "ollama", "url": ollama.url,
+                         "upstream_model": ollama.models[0]},
+                        {"name": "not-pulled", "backend": "ollama", "url": ollama.url,
+                         "upstream_model": "nope:70b"},
+                        {"name": "good", "backend": "vllm", "url": vllm.url + "/v1",
+                         "upstream_model": vllm.served_model},
+                        {"name": "no-v1", "backend": "vllm", "url": vllm.url,
+                         "upstream_model": vllm.served_model},
+                    ]
+                }
+            )
+        )  # fmt: skip
+        assert main(["check", "--probe", "--config", str(path)]) == 1
+    out = capsys.readouterr().out
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith(("ok", "FAIL"))}
+    assert lines["pulled[0]"].startswith("ok")
+    assert lines["not-pulled[0]"].startswith("FAIL") and "nope:70b" in lines["not-pulled[0]"]
+    assert lines["good[0]"].startswith("ok")
+    assert lines["no-v1[0]"].startswith("FAIL")

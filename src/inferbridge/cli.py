@@ -16,9 +16,10 @@ import tempfile
 from typing import Any
 
 import orjson
+import yaml
 
 from inferbridge import __version__
-from inferbridge.config import ConfigError, load_config
+from inferbridge.config import Config, ConfigError, load_config
 from inferbridge.inference_server import InferenceServerError, parse_inference_server
 
 # The config file the Docker image mounts: used when no other is named.
@@ -63,13 +64,74 @@ def _parser() -> argparse.ArgumentParser:
         "(e.g. vllm:host:port, http://tgi:80, openai_azure_chat:DEPLOYMENT:BASEURL:VERSION); "
         "needs --model",
     )
-    serve.add_argument("--model", help="with --inference-server: the model name (base_model)")
     serve.add_argument(
-        "--prompt-template", help="with --inference-server: chat template for raw-prompt backends"
+        "--backend",
+        action=Ordered,
+        help="serve a model without a config file: the backend of the --model options after "
+        "it (vllm, tgi, ollama, llamacpp, openai, ...)",
+    )
+    serve.add_argument("--url", action=Ordered, help="the upstream URL for the next --model")
+    serve.add_argument(
+        "--model",
+        action=Ordered,
+        help="a model to serve, with the --backend and --url given before it (repeatable); "
+        "with --inference-server: h2oGPT's base_model",
+    )
+    serve.add_argument(
+        "--prompt-template",
+        action=Ordered,
+        help="chat template for raw-prompt backends (tgi, llamacpp, replicate, sagemaker)",
+    )
+    serve.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the configuration these options make, as YAML, and exit",
     )
     check = sub.add_parser("check", help="validate a config file and list its models")
     check.add_argument("--config", "-c", default=default_config())
+    check.add_argument(
+        "--no-env",
+        action="store_true",
+        help="validate without the secrets: list the environment variables the config needs",
+    )
+    check.add_argument(
+        "--probe",
+        action="store_true",
+        help="connect to every entry and say what answers there (exit 1 if any fails)",
+    )
     return parser
+
+
+class Ordered(argparse.Action):
+    """Keeps --backend, --url, --prompt-template and --model in the order given, so each
+    --model takes the options written before it."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        seen = getattr(namespace, "ordered", None) or []
+        seen.append((self.dest, values))
+        namespace.ordered = seen
+        setattr(namespace, self.dest, values)
+
+
+def model_entries(ordered: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Config entries from `--backend B --url U --model M ...` (see `Ordered`)."""
+    current: dict[str, str] = {}
+    entries: list[dict[str, Any]] = []
+    for dest, value in ordered:
+        if dest != "model":
+            current[dest] = value
+            continue
+        if "backend" not in current:
+            raise ConfigError(f"--model {value}: give --backend first (e.g. --backend vllm)")
+        entry: dict[str, Any] = {"name": value, "backend": current["backend"]}
+        if "url" in current:
+            entry["url"] = current["url"]
+        if "prompt_template" in current:
+            entry["prompt_template"] = current["prompt_template"]
+        entries.append(entry)
+    if current and not entries:
+        raise ConfigError("--backend and --url need at least one --model NAME after them")
+    return entries
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,20 +150,53 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         except InferenceServerError as exc:
             raise ConfigError(str(exc)) from None
         out["models"] = [entry]
+    elif getattr(args, "ordered", None):
+        out["models"] = model_entries(args.ordered)
+    return out
+
+
+def check(config: Config, args: argparse.Namespace) -> int:
+    for entry in config.models:
+        print(f"{entry.name}: {entry.describe()}")
+    if config.missing_env:
+        print("needs these environment variables: " + ", ".join(config.missing_env))
+    if not args.probe:
+        return 0
+    import asyncio
+
+    from inferbridge.probe import probe_all
+
+    results = asyncio.run(probe_all(config))
+    for ok, line in results:
+        print(("ok    " if ok else "FAIL  ") + line)
+    return 0 if all(ok for ok, _ in results) else 1
+
+
+def printable(config: Config, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The YAML equivalent of the command line: what a config file would say."""
+    out: dict[str, Any] = {}
+    if overrides.get("server"):
+        out["server"] = overrides["server"]
+    out["models"] = overrides.get("models") or [
+        m.model_dump(include={"name", "backend", "url", "upstream_model"}, exclude_none=True)
+        for m in config.models
+    ]
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    no_env = args.command == "check" and args.no_env
     try:
         overrides = _overrides(args)
-        config = load_config(args.config, overrides=overrides)
+        config = load_config(args.config, overrides=overrides, require_env=not no_env)
     except ConfigError as exc:
         print(f"inferbridge: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
-        for entry in config.models:
-            print(f"{entry.name}: {entry.describe()}")
+        return check(config, args)
+    if args.print_config:
+        print(yaml.safe_dump(printable(config, overrides), sort_keys=False), end="")
         return 0
 
     import uvicorn

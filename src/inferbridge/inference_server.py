@@ -4,7 +4,10 @@ h2oGPT users describe a backend with one string; `inferbridge serve --inference-
 --model NAME` accepts the same strings for a one-backend start, and docs/migration-h2ogpt.md
 shows the config entry each one becomes. Forms:
 
-    http://host:port                          TGI (native /generate)
+    http://host:port | host:port              TGI (native /generate)
+    tgi:host:port | tgi:URL                   TGI (inferbridge's own prefix)
+    ollama:host:port | ollama:URL             Ollama (native /api/chat; inferbridge's own)
+    llamacpp:host:port | llamacpp:URL         llama.cpp's server (inferbridge's own)
     h2ogpt:http://host:port                   an h2oGPT Gradio server (inferbridge's own prefix)
     vllm:host:port | vllm:http://host:port/v1 OpenAI-compatible completions server
     vllm_chat:host:port | vllm_chat:URL       OpenAI-compatible chat server
@@ -14,7 +17,8 @@ shows the config entry each one becomes. Forms:
     sagemaker_chat:ENDPOINT[:REGION]          SageMaker, chat-messages payload
     sagemaker:ENDPOINT[:REGION]               SageMaker, TGI container payload
 
-Empty fields or the word `None` mean "not given", as in h2oGPT.
+Empty fields or the word `None` mean "not given", as in h2oGPT. A `host:port` needs its
+port: `vllm:127.0.0.1` is refused rather than taken as port 80.
 """
 
 from __future__ import annotations
@@ -31,12 +35,22 @@ def _field(parts: list[str], i: int) -> str | None:
     return None if value in ("", "None", "none") else value
 
 
-def _host_url(rest: str) -> str:
-    """`host:port` or a URL -> an OpenAI base URL ending in /v1."""
+def _origin(rest: str, spec: str) -> str:
+    """`host:port` or a URL -> a URL without a trailing slash; a bare host needs its port."""
     if rest.startswith(("http://", "https://")):
-        url = rest.rstrip("/")
-        return url if url.endswith("/v1") else url + "/v1"
-    return f"http://{rest}/v1"
+        return rest.rstrip("/")
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise InferenceServerError(
+            f"{spec!r}: give the port as host:port (e.g. 127.0.0.1:8000), or a full URL"
+        )
+    return f"http://{rest}"
+
+
+def _host_url(rest: str, spec: str) -> str:
+    """`host:port` or a URL -> an OpenAI base URL ending in /v1."""
+    url = _origin(rest, spec)
+    return url if url.endswith("/v1") else url + "/v1"
 
 
 def parse_inference_server(
@@ -51,10 +65,16 @@ def parse_inference_server(
     entry: dict[str, Any] = {"name": model}
     if spec.startswith(("http://", "https://")):
         entry.update(backend="tgi", url=spec.rstrip("/"))
+    elif kind in ("tgi", "ollama", "llamacpp") and rest:
+        entry.update(backend=kind, url=_origin(rest, spec))
+        if kind == "ollama":
+            entry["upstream_model"] = model
+    elif rest.isdigit() and kind:  # a bare host:port is TGI, as http://host:port is
+        entry.update(backend="tgi", url=f"http://{spec}")
     elif kind == "h2ogpt" and rest:
         entry.update(backend="h2ogpt", url=rest.rstrip("/"))
     elif kind in ("vllm", "vllm_chat") and rest:
-        entry.update(backend="vllm", url=_host_url(rest), upstream_model=model)
+        entry.update(backend="vllm", url=_host_url(rest, spec), upstream_model=model)
     elif kind in ("openai", "openai_chat") and not rest:
         entry.update(backend="openai", api_key="os.environ/OPENAI_API_KEY", upstream_model=model)
     elif kind in ("openai_azure", "openai_azure_chat"):
@@ -93,11 +113,12 @@ def parse_inference_server(
             entry["region"] = region
     else:
         raise InferenceServerError(
-            f"unrecognised --inference-server {spec!r}: expected http://host:port, "
+            f"unrecognised --inference-server {spec!r}: expected http://host:port, host:port, "
+            "tgi:host:port, ollama:host:port, llamacpp:host:port, "
             "vllm:host:port, vllm_chat:URL, openai, openai_azure_chat:DEPLOYMENT:BASEURL:"
             "API_VERSION, replicate:OWNER/NAME[:VERSION], sagemaker[_chat]:ENDPOINT[:REGION] "
             "or h2ogpt:URL"
         )
-    if prompt_template and entry["backend"] in ("tgi", "replicate", "sagemaker"):
+    if prompt_template and entry["backend"] in ("tgi", "llamacpp", "replicate", "sagemaker"):
         entry["prompt_template"] = prompt_template
     return entry

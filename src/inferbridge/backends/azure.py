@@ -67,6 +67,7 @@ class AzureBackend(OpenAICompatBackend):
     """Azure OpenAI deployments (classic api-version URLs or the v1 API)."""
 
     Settings = AzureSettings
+    list_models = None  # Azure lists base models, not the deployments entries name
 
     @property
     def azure(self) -> AzureSettings:

@@ -36,11 +36,11 @@ prompts when `native_n` is false.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from inferbridge.api.protocol import IGNORABLE_PARAMS, OPENAI_PARAMS, is_neutral
 from inferbridge.config import DeploymentConfig
-from inferbridge.errors import InvalidRequest, UnsupportedParameter
+from inferbridge.errors import InvalidRequest, UnsupportedParameter, UpstreamError
 from inferbridge.events import Event
 from inferbridge.request import InferenceRequest
 
@@ -78,6 +78,29 @@ class Backend:
     #                                         ready (TGI /health, llama.cpp /health, Ollama
     #                                         /api/tags, ...)
     #   async def list_models(self) -> list[str]
+
+    async def probe(self) -> dict[str, Any]:
+        """What the upstream says about itself, for `inferbridge check --probe`; raises an
+        `UpstreamError` when it does not answer on the configured URL as this backend
+        should, or does not serve the entry's model. Adapters add what their server
+        tells (version, context length)."""
+        health = getattr(self, "health", None)
+        if health is not None:
+            await health()
+        found: dict[str, Any] = {}
+        list_models = getattr(self, "list_models", None)
+        if list_models is not None:
+            models = await list_models()
+            target = self.config.target_model
+            if models and target not in models and f"{target}:latest" not in models:
+                shown = ", ".join(models[:5]) + (", ..." if len(models) > 5 else "")
+                raise UpstreamError(
+                    f"{self.label}: the server does not serve model '{target}' "
+                    f"(it serves: {shown})",
+                    backend=self.label,
+                )
+            found["model"] = target
+        return found
 
     def stream(self, request: InferenceRequest) -> AsyncIterator[Sequence[Event]]:
         """Run `request` upstream and yield batches of normalized events (see module doc)."""

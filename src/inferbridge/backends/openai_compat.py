@@ -230,6 +230,15 @@ class OpenAICompatBackend(Backend):
     def health_path(self) -> str:
         return "/models"
 
+    async def list_models(self) -> list[str]:
+        """The model ids the upstream lists (`GET {url}/models`)."""
+        async with self.http.request("GET", self.health_path()) as resp:
+            data = await self.http.read_json(resp)
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            return []
+        return [m["id"] for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
     async def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
         chat = request.kind == "chat"
         path, query = self.endpoint(request)
