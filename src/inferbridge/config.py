@@ -241,12 +241,26 @@ class RouterConfig(BaseModel):
     models: dict[str, ModelRouting] = Field(default_factory=dict)
 
 
+class ResponsesConfig(BaseModel):
+    """`responses:`: the store behind the Responses API's `store: true` (docs/responses.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store_ttl: float = Field(default=3600.0, gt=0)
+    """Seconds a stored response stays retrievable and continuable."""
+    max_stored: int = Field(default=10_000, ge=0)
+    """Responses kept at most (least recently used dropped first); 0 stores none."""
+    max_stored_bytes: int = Field(default=128 * 1024 * 1024, gt=0)
+    """Bytes of stored responses (serialized, with their conversations) at most."""
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     model_aliases: dict[str, str] = Field(default_factory=dict)
     models: list[DeploymentConfig] = Field(default_factory=list)
     missing_env: list[str] = Field(default_factory=list, exclude=True)
