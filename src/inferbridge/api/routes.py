@@ -16,6 +16,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from inferbridge.api.protocol import ChatCompletionRequest, CompletionRequest
+from inferbridge.api.responses_api import include_responses_api
 from inferbridge.api.serving import CompletionService
 from inferbridge.errors import AuthenticationFailed, ModelNotFound
 from inferbridge.gateway import Gateway
@@ -120,4 +121,5 @@ def include_routes(app: FastAPI) -> None:
     app.include_router(openai, prefix="/v1")
     app.include_router(openai, include_in_schema=False)
     app.include_router(health)
+    include_responses_api(app)
     app.state.started = int(time.time())
