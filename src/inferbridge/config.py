@@ -92,6 +92,15 @@ class DeploymentConfig(BaseModel):
     )
     weight: float = Field(default=1.0, gt=0)
     owned_by: str = "inferbridge"
+    # -- what the entry serves (docs/embeddings.md) --
+    mode: Literal["chat", "embeddings", "both"] | None = Field(
+        default=None,
+        description="chat (and legacy completions), embeddings or both (default: both for "
+        "echo, chat for the others).",
+    )
+    embedding_batch_size: int | None = Field(
+        default=None, ge=1, description="Inputs per upstream embeddings call at most."
+    )
     # -- reliability (docs/routing.md) --
     ttft_timeout: float | None = Field(
         default=None, gt=0, description="Seconds to the first token of a streamed answer."

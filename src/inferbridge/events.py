@@ -127,7 +127,27 @@ class SystemFingerprint:
         return f"SystemFingerprint({self.value!r})"
 
 
-Event = TextDelta | ReasoningDelta | ToolCallDelta | Finish | Usage | SystemFingerprint
+class Embeddings:
+    """The answer to an embeddings request: one vector per input, in input order, and the
+    prompt tokens they took (None: the backend did not say). Yielded once, as the only
+    event of the only batch; nothing fans it out (an embeddings request has one choice)."""
+
+    __slots__ = ("estimated", "index", "prompt_tokens", "vectors")
+
+    def __init__(
+        self, vectors: list[list[float]], prompt_tokens: int | None, *, estimated: bool = False
+    ) -> None:
+        self.vectors = vectors
+        self.prompt_tokens = prompt_tokens
+        self.estimated = estimated
+        """True when `prompt_tokens` is (partly) an estimate."""
+        self.index = 0
+
+    def __repr__(self) -> str:
+        return f"Embeddings({len(self.vectors)} vectors, prompt_tokens={self.prompt_tokens})"
+
+
+Event = TextDelta | ReasoningDelta | ToolCallDelta | Finish | Usage | SystemFingerprint | Embeddings
 
 
 _FINISH_ALIASES = {

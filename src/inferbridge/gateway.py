@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from inferbridge.backends import registry
 from inferbridge.config import Config
+from inferbridge.config_source import ConfigError
 from inferbridge.errors import AuthenticationFailed, InvalidRequest
 from inferbridge.events import Event
 from inferbridge.observability import Observability
@@ -35,6 +36,7 @@ class Gateway:
             registry.create(entry, drop_unsupported_default=drop) for entry in config.models
         ]
         self.router = Router(self.backends, config.router, config.model_aliases)
+        check_modes(self.router)
         self._keys = [key.encode() for key in config.auth.keys]
         self.observability = Observability(
             log_prompts=config.server.log_prompts, access_log=config.server.access_log
@@ -105,6 +107,8 @@ class Gateway:
         OpenAI layer sends any header. `route` is filled in as deployments are tried.
         """
         group = self.router.resolve(request.model)
+        if not group.deployments[0].backend.serves(request.kind):
+            raise wrong_mode(request)
         prompts = prompt_list(request)
         choices = request.n * (len(prompts) if prompts is not None else 1)
         limit = self.config.server.max_fanout
@@ -115,3 +119,35 @@ class Gateway:
                 param="n",
             )
         return routed_stream(self.router, group, request, route, self.drain), choices
+
+
+def wrong_mode(request: InferenceRequest) -> InvalidRequest:
+    """The 400 for a request of a kind its model does not serve (by the entry's `mode:`)."""
+    if request.kind == "embedding":
+        message = (
+            f"Model '{request.model}' does not serve embeddings (its mode is chat); use a "
+            "model whose entry has mode: embeddings or both."
+        )
+    else:
+        message = (
+            f"Model '{request.model}' serves only embeddings (mode: embeddings); use it "
+            "with /v1/embeddings, or a chat model."
+        )
+    return InvalidRequest(message, param="model")
+
+
+def check_modes(router: Router) -> None:
+    """What each model serves must be clear: the entries of one model agree on it, and an
+    entry serves embeddings only when its backend makes them."""
+    errors = []
+    for name, backends in router.models.items():
+        modes = {(b.serves("chat"), b.serves("embedding")) for b in backends}
+        if len(modes) > 1:
+            errors.append(f"models named '{name}' serve different things: give them one mode")
+        errors.extend(
+            f"model '{name}': backend '{b.config.backend}' cannot serve embeddings (mode: {b.mode})"
+            for b in backends
+            if b.serves("embedding") and not b.makes_embeddings()
+        )
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(dict.fromkeys(errors)))

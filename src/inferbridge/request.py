@@ -3,7 +3,7 @@
 It is built once per request from the validated OpenAI body. Adapters read sampling
 parameters from `params` (only what the client or the model entry actually set, never an
 invented default), unknown fields from `extras`, and the conversation from `messages` (chat)
-or `prompt` (legacy completions).
+or `prompt` (legacy completions), the texts to embed from `input` (embeddings).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Kind = Literal["chat", "completion"]
+Kind = Literal["chat", "completion", "embedding"]
 
 
 @dataclass(slots=True)
@@ -37,6 +37,8 @@ class InferenceRequest:
     request_id: str = ""
     ignored: list[str] = field(default_factory=list)
     """Parameters the adapter dropped instead of refusing (`drop_unsupported_params`)."""
+    input: list[str] | list[list[int]] | None = None
+    """Embeddings: the inputs, in order, each a text or a list of token ids."""
 
     def copy(self) -> InferenceRequest:
         """A copy whose `params`, `extras` and `body` may be changed without touching this
@@ -53,6 +55,7 @@ class InferenceRequest:
             dict(self.body),
             self.request_id,
             [],
+            self.input,
         )
 
     @property

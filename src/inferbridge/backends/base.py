@@ -31,6 +31,13 @@ What the shared layer does for every adapter (see `prepare`): merge the entry's 
 defaults, reject (400) or drop parameters the adapter does not declare (ignorable ones and
 neutral values are accepted and removed from `params`), and fan out `n > 1` and several
 prompts when `native_n` is false.
+
+Embeddings (`request.kind == "embedding"`): an adapter that makes them implements
+`embed(request)`, returning one `Embeddings` event for `request.input` (a batch of at most
+`embedding_batch_size` inputs), and declares `embedding_params` / `embedding_extras`; the
+shared layer (`inferbridge.backends.embedding`) applies the parameter policy, splits the
+input into batches and merges the answers. What an entry serves is its `mode:`
+(`default_mode` without one); see `serves`.
 """
 
 from __future__ import annotations
@@ -39,10 +46,11 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar
 
 from inferbridge.api.protocol import IGNORABLE_PARAMS, OPENAI_PARAMS, is_neutral
+from inferbridge.backends.embedding import embedding_batches, prepare_embedding
 from inferbridge.config import DeploymentConfig
 from inferbridge.errors import InvalidRequest, UnsupportedParameter, UpstreamError
-from inferbridge.events import Event
-from inferbridge.request import InferenceRequest
+from inferbridge.events import Embeddings, Event
+from inferbridge.request import InferenceRequest, Kind
 
 
 class Backend:
@@ -61,6 +69,14 @@ class Backend:
     """True when the backend itself handles n > 1 and lists of prompts."""
     accepts_token_prompts: ClassVar[bool] = False
     """True when a legacy completion prompt may be a list of token ids."""
+    default_mode: ClassVar[str] = "chat"
+    """What an entry serves without `mode:`: "chat", "embeddings" or "both"."""
+    embedding_params: ClassVar[frozenset[str]] = frozenset()
+    """Embeddings parameters (`dimensions`) this adapter honours."""
+    embedding_extras: ClassVar[frozenset[str]] = frozenset()
+    """Non-OpenAI embeddings fields (`truncate`...) this adapter understands."""
+    default_embedding_batch_size: ClassVar[int] = 64
+    """Inputs per upstream embeddings call when the entry sets no `embedding_batch_size`."""
 
     def __init__(self, config: DeploymentConfig) -> None:
         self.config = config
@@ -106,9 +122,43 @@ class Backend:
         """Run `request` upstream and yield batches of normalized events (see module doc)."""
         raise NotImplementedError
 
+    # -- embeddings -----------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self.config.mode or self.default_mode
+
+    def serves(self, kind: Kind) -> bool:
+        """Whether this entry answers requests of `kind` (chat and legacy completions, or
+        embeddings), by its `mode:`."""
+        mode = self.mode
+        return mode == "both" or (mode == "embeddings") == (kind == "embedding")
+
+    @classmethod
+    def makes_embeddings(cls) -> bool:
+        return cls.embed is not Backend.embed
+
+    @property
+    def embedding_batch_size(self) -> int:
+        return self.config.embedding_batch_size or self.default_embedding_batch_size
+
+    async def embed(self, request: InferenceRequest) -> Embeddings:
+        """Embed `request.input` upstream in one call: the vectors in input order and the
+        prompt tokens (None when the backend does not count them). See module doc."""
+        raise InvalidRequest(
+            f"Model '{request.model}' ({self.config.backend}) cannot make embeddings: "
+            f"backend '{self.config.backend}' has no embeddings API in inferbridge.",
+            param="model",
+        )
+
+    def embeddings(self, request: InferenceRequest) -> AsyncIterator[Sequence[Event]]:
+        """An embeddings request (prepared) as one batch with one `Embeddings` event."""
+        return embedding_batches(self, request)
+
     # -- shared behaviour -----------------------------------------------------------------
     def prepare(self, request: InferenceRequest) -> InferenceRequest:
         """Apply this deployment's defaults and parameter policy to a request (in place)."""
+        if request.kind == "embedding":
+            return prepare_embedding(self, request)
         defaults = self.config.params
         if defaults:
             for key, value in defaults.items():

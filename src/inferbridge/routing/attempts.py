@@ -99,6 +99,8 @@ async def first_answer(
     batch (its slot still held), its stream, and that batch (None: it ended empty)."""
     primary: InferbridgeError | None = None
     for model in group.chain:
+        if model is not group and not model.deployments[0].backend.serves(request.kind):
+            continue  # a chat-only fallback of an embeddings model, or the other way round
         route.fallback = model is not group
         outcome = await _try_model(router, model, request, route)
         if isinstance(outcome, tuple):
@@ -244,6 +246,8 @@ def start_attempt(
     backend.prepare(request)
     if route is not None:
         route.ignored = request.ignored
+    if request.kind == "embedding":
+        return backend.embeddings(request).__aiter__()
     prompts = prompt_list(request)
     if backend.native_n or (n == 1 and (prompts is None or len(prompts) == 1)):
         if prompts is not None and len(prompts) == 1:
