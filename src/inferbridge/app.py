@@ -3,7 +3,8 @@
 It holds one `Gateway` (backends, router, auth, observability) in `app.state`, opens the
 backends' clients at start-up and closes them at shutdown (the lifespan), checks every
 request at the door (`api.gate.RequestGate`), serves the routes of `api.routes`, and turns
-every error into the OpenAI envelope. `inferbridge serve` and
+every error into the OpenAI envelope (Anthropic's on the Anthropic routes).
+`inferbridge serve` and
 `uvicorn --factory inferbridge.app:create_app` run the same app; without a config
 argument it reads the file named by `INFERBRIDGE_CONFIG` and the `INFERBRIDGE_*` overrides.
 """
@@ -11,10 +12,12 @@ argument it reads the file named by `INFERBRIDGE_CONFIG` and the `INFERBRIDGE_*`
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -24,6 +27,8 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from inferbridge import __version__
+from inferbridge.api.anthropic import errors as anthropic_errors
+from inferbridge.api.anthropic.schema import invalid_body as anthropic_invalid_body
 from inferbridge.api.gate import RequestGate
 from inferbridge.api.protocol import invalid_body
 from inferbridge.api.routes import include_routes
@@ -73,6 +78,16 @@ def config_from_env() -> Config:
     )
 
 
+def framework_options() -> dict[str, Any]:
+    """FastAPI's own per-request OpenTelemetry instrumentation (in the releases that have
+    it) off: inferbridge has its metrics and access log, and the instrumentation costs
+    every request whether or not an exporter is configured."""
+    if "telemetry" not in inspect.signature(FastAPI).parameters:
+        return {}
+    off = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+    return {"telemetry": off}
+
+
 def create_app(config: Config | None = None) -> FastAPI:
     gateway = Gateway(config or config_from_env())
 
@@ -100,6 +115,7 @@ def create_app(config: Config | None = None) -> FastAPI:
         version=__version__,
         description="OpenAI-compatible API in front of self-hosted and hosted LLM backends.",
         lifespan=lifespan,
+        **framework_options(),
     )
     app.state.gateway = gateway
     app.state.completions = CompletionService(gateway)
@@ -119,15 +135,24 @@ def create_app(config: Config | None = None) -> FastAPI:
     return app
 
 
+def answer_error(request: Request, err: InferbridgeError) -> Response:
+    """`err` in the envelope of the API the request's path belongs to."""
+    if anthropic_errors.is_anthropic_path(request.url.path):
+        return anthropic_errors.error_response(err, request_id_of(request))
+    return error_response(err, request_id_of(request))
+
+
 def add_error_handlers(app: FastAPI) -> None:
-    """Every error a client sees is an OpenAI envelope."""
+    """Every error a client sees is an OpenAI envelope (Anthropic's on `/v1/messages*`)."""
 
     @app.exception_handler(InferbridgeError)
     async def on_error(request: Request, exc: InferbridgeError) -> Response:
-        return error_response(exc, request_id_of(request))
+        return answer_error(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
+        if anthropic_errors.is_anthropic_path(request.url.path):
+            return answer_error(request, anthropic_invalid_body(exc.errors()))
         return error_response(invalid_body(exc.errors()), request_id_of(request))
 
     @app.exception_handler(HTTPException)
@@ -137,10 +162,10 @@ def add_error_handlers(app: FastAPI) -> None:
             detail = f"{detail}: {request.method} {request.url.path}"
         err = InferbridgeError(detail, status=exc.status_code, headers=exc.headers)
         err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(err, request_id_of(request))
+        return answer_error(request, err)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         request_id = request_id_of(request)
         log.error("request %s: unexpected error", request_id, exc_info=exc)
-        return error_response(internal_error(request_id), request_id)
+        return answer_error(request, internal_error(request_id))

@@ -31,6 +31,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive
 
 from inferbridge.api.gate import request_id_of as request_id_from_headers
+from inferbridge.api.heartbeat import Heartbeats
 from inferbridge.api.protocol import normalize
 from inferbridge.api.responses import ResponseAssembler, StreamEncoder, error_event
 from inferbridge.errors import InferbridgeError
@@ -54,26 +55,29 @@ class ClientGone(Exception):
 
 
 async def until_disconnected(receive: Receive, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client disconnects first (`ClientGone`)."""
-    task = asyncio.ensure_future(work)
+    """Await `work` in this task, cancelling it if the client disconnects first: a watcher
+    task waits for `http.disconnect` and cancels this one (`ClientGone`)."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while (await receive())["type"] != "http.disconnect":
             pass
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
+        gone = True
         task.cancel()
-        raise
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        raise ClientGone from None
     finally:
         watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    raise ClientGone
 
 
 def request_id_of(request: Request) -> str:
@@ -140,6 +144,9 @@ class Renderer(Protocol):
     `opening` (after the first batch was `encode`d: it may carry metadata such as the
     system fingerprint), `encode` each batch, then `closing`, or `failure` when the stream
     broke after it started. `error_response` answers an error before anything was sent.
+
+    A dialect with keep-alive pings sets `heartbeat` (seconds) and `ping() -> bytes`: a
+    stream silent for that long gets a ping (`inferbridge.api.heartbeat`).
     """
 
     media_type: str
@@ -314,12 +321,14 @@ class CompletionService:
     ) -> AsyncIterator[bytes]:
         """The streamed body: the opening and the first batch, then each batch as it
         arrives, then the closing (or the dialect's error event if the stream broke)."""
+        heartbeat, ping = getattr(render, "heartbeat", None), getattr(render, "ping", None)
+        batches = Heartbeats(stream, heartbeat) if heartbeat else stream
         try:
             data = render.encode(first)
             yield render.opening() + data
             try:
-                async for batch in stream:
-                    data = render.encode(batch)
+                async for batch in batches:
+                    data = render.encode(batch) if batch is not None else ping()
                     if data:
                         yield data
                 tail = render.closing()
@@ -341,4 +350,4 @@ class CompletionService:
             raise
         finally:
             self._record(ex, render)
-            await aclose(stream)
+            await aclose(batches)
