@@ -351,6 +351,9 @@ _KNOWN_NAMES = (
         "detail",
         "arguments",
         "id",
+        "input",  # embeddings (api/embeddings.py)
+        "encoding_format",
+        "dimensions",
     }
 )
 
