@@ -5,12 +5,20 @@ It honours `max_tokens` (counted in words: finish_reason "length"), stop strings
 "stop"), and reports usage (words in the prompt side, words generated). `delay:` in the
 entry adds that many seconds before each token, to watch streaming by eye or in tests.
 
+Embeddings (echo serves both by default): a deterministic unit vector per input, derived
+from a hash of its text (or token ids), of 16 dimensions or the request's `dimensions` (a
+shorter vector is a prefix of a longer one, renormalized, as OpenAI's `dimensions` behaves).
+Usage counts words, or token ids.
+
 It is the default model when no config is given, and the workhorse of the test suite.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +26,8 @@ from pydantic import Field
 
 from inferbridge.backends.base import Backend
 from inferbridge.config import DeploymentConfig
-from inferbridge.events import Event, Finish, TextDelta, Usage
+from inferbridge.errors import InvalidRequest
+from inferbridge.events import Embeddings, Event, Finish, TextDelta, Usage
 from inferbridge.request import InferenceRequest, last_user_text, message_text
 from inferbridge.stops import StopCutter
 
@@ -29,6 +38,25 @@ class EchoSettings(DeploymentConfig):
 
 def _words(text: str) -> list[str]:
     return text.split()
+
+
+ECHO_DIMENSIONS = 16
+MAX_ECHO_DIMENSIONS = 4096
+
+
+def echo_vector(item: str | list[int], dimensions: int = ECHO_DIMENSIONS) -> list[float]:
+    """A unit vector derived from `item` by SHA-256 in counter mode: the same input always
+    gives the same vector, and a shorter one is a renormalized prefix of a longer one."""
+    seed = item.encode() if isinstance(item, str) else b"ids:" + ",".join(map(str, item)).encode()
+    raw = bytearray()
+    counter = 0
+    while len(raw) < 4 * dimensions:
+        raw += hashlib.sha256(seed + counter.to_bytes(4, "little")).digest()
+        counter += 1
+    # 32-bit words -> [-1, 1), as float32 values (what a real model returns)
+    values = [w / 2**31 - 1.0 for w in struct.unpack(f"<{dimensions}I", raw[: 4 * dimensions])]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [struct.unpack("<f", struct.pack("<f", v / norm))[0] for v in values]
 
 
 class EchoBackend(Backend):
@@ -48,9 +76,25 @@ class EchoBackend(Backend):
         }
     )
 
+    default_mode = "both"
+    embedding_params = frozenset({"dimensions"})
+
     def __init__(self, config: DeploymentConfig) -> None:
         super().__init__(config)
         self.drop_unsupported = True
+
+    async def embed(self, request: InferenceRequest) -> Embeddings:
+        dimensions = request.params.get("dimensions", ECHO_DIMENSIONS)
+        if dimensions > MAX_ECHO_DIMENSIONS:
+            raise InvalidRequest(
+                f"'dimensions' must be at most {MAX_ECHO_DIMENSIONS} for model "
+                f"'{request.model}' (echo).",
+                param="dimensions",
+            )
+        inputs = request.input or []
+        vectors = [echo_vector(item, dimensions) for item in inputs]
+        tokens = sum(len(i) if isinstance(i, list) else len(_words(i)) for i in inputs)
+        return Embeddings(vectors, tokens)
 
     async def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
         assert isinstance(self.config, EchoSettings)
