@@ -16,7 +16,11 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
+from inferbridge.api.responses_api.render import ResponsesRenderer, response_shell
 from inferbridge.api.responses_api.store import MemoryResponseStore, StoredResponse
+from inferbridge.errors import UpstreamError
+from inferbridge.events import Finish, ReasoningDelta, TextDelta, ToolCallDelta, Usage
+from inferbridge.request import InferenceRequest
 from tests.fakes.openai_compat import FakeOpenAI
 from tests.fakes.tgi import FakeTGI
 from tests.server import InferbridgeServer
@@ -595,6 +599,26 @@ def test_tgi(srv, tgi):
     assert text == events[-1].response.output_text == "Hello world"
 
 
+def test_tgi_logprobs(srv, tgi):
+    r = srv.openai().responses.create(model="tgi", input="Say hello", top_logprobs=2)
+    assert tgi.generations[-1]["parameters"]["top_n_tokens"] == 2
+    logprobs = r.output[0].content[0].logprobs
+    assert [t.token for t in logprobs] == ["Hello", " world", "!"]
+    assert logprobs[0].logprob == -0.25 and logprobs[0].bytes == list(b"Hello")
+    assert [a.token for a in logprobs[1].top_logprobs] == [" world", "alt1"]
+
+    events = raw_events(srv, {"model": "tgi", "input": "Say hello", "top_logprobs": 2})
+    streamed = [
+        t["token"]
+        for e in events
+        if e["type"] == "response.output_text.delta"
+        for t in e["logprobs"]
+    ]
+    assert streamed == ["Hello", " world", "!"]
+    done = next(e for e in events if e["type"] == "response.output_text.done")
+    assert [t["token"] for t in done["logprobs"]] == streamed
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -675,3 +699,64 @@ async def test_store_can_be_off():
     store = MemoryResponseStore(max_items=0)
     await store.put(record("a"))
     assert await store.get("a", "") is None
+
+
+# -- the renderer on its own --------------------------------------------------------------------
+def render_stream(*batches: list[Any], fail: bool = False) -> list[dict[str, Any]]:
+    request = InferenceRequest("chat", "m", {}, messages=[{"role": "user", "content": "hi"}])
+    request.stream = True
+    shell = response_shell({"model": "m"}, "resp_x", 0)
+    render = ResponsesRenderer(request, 1, False, shell)
+    first = render.encode(batches[0])
+    data = render.opening() + first + b"".join(render.encode(b) for b in batches[1:])
+    data += render.failure(UpstreamError("boom")) if fail else render.closing()
+    events = []
+    for block in data.decode().split("\n\n")[:-1]:
+        event = json.loads(block.split("\ndata: ", 1)[1])
+        EVENT.validate_python(event)
+        events.append(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert render.final == events[-1]["response"]
+    return events
+
+
+def test_reasoning_then_text_then_a_call():
+    events = render_stream(
+        [ReasoningDelta("Let me"), ReasoningDelta(" think.")],
+        [TextDelta("Checking.")],
+        [ToolCallDelta(0, id="call_1", name="f", arguments='{"a"')],
+        [ToolCallDelta(0, arguments=": 1}"), Finish("tool_calls"), Usage(5, 7)],
+    )
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.completed"
+    assert [i["type"] for i in final["output"]] == ["reasoning", "message", "function_call"]
+    assert final["output"][0]["content"] == [{"type": "reasoning_text", "text": "Let me think."}]
+    assert final["output"][2]["arguments"] == '{"a": 1}'
+    assert final["usage"]["output_tokens"] == 7
+    kinds = [e["type"] for e in events]
+    assert kinds.count("response.reasoning_text.delta") == 2
+    assert "response.reasoning_text.done" in kinds
+    Response.model_validate(final)
+
+
+def test_content_filter_is_incomplete_and_no_output_is_an_empty_message():
+    events = render_stream([Finish("content_filter")])
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.incomplete"
+    assert final["incomplete_details"] == {"reason": "content_filter"}
+    assert final["output"][0]["content"][0]["text"] == ""
+
+
+def test_a_stream_without_a_finish_is_completed():
+    events = render_stream([TextDelta("a")], [TextDelta("b")])
+    assert events[-1]["type"] == "response.completed"
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "ab"
+
+
+def test_a_failure_is_response_failed_with_what_was_made():
+    events = render_stream([TextDelta("partial")], fail=True)
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.failed" and final["status"] == "failed"
+    assert final["error"] == {"code": "server_error", "message": "boom"}
+    assert final["output"][0]["status"] == "incomplete"
+    assert final["output"][0]["content"][0]["text"] == "partial"
