@@ -7,6 +7,8 @@
   `Authorization: Bearer` token) -> 401; an unknown deployment -> 404 DeploymentNotFound.
 - v1: `POST /openai/v1/chat/completions` (and `/completions`) with `model` = deployment and
   the key as `Authorization: Bearer`.
+- embeddings at both forms' `/embeddings`, with the same checks (the vectors are
+  `tests.fakes.embeddings.fake_vector`).
 
 Its streams look like Azure's: a first chunk with `choices: []`, `id: ""` and only
 `prompt_filter_results`, then chunks whose choices carry `content_filter_results`. A prompt
@@ -28,6 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.fakes.base import FakeServer, sse
+from tests.fakes.embeddings import as_inputs, openai_answer
 
 SAFE = {"filtered": False, "severity": "safe"}
 FILTER_RESULTS = {"hate": SAFE, "self_harm": SAFE, "sexual": SAFE, "violence": SAFE}
@@ -251,6 +254,22 @@ class FakeOpenAIShaped(FakeServer):
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._answer(request, chat=False)
 
+    async def embeddings(self, request: web.Request) -> web.Response:
+        rec = await self.record(request)
+        body = rec.json or {}
+        refused = self.check(request, body)
+        if refused is not None:
+            return refused
+        if self.behaviour.status != 200:
+            return self.error_response()
+        answer = openai_answer(
+            as_inputs(body.get("input")),
+            "text-embedding-3-small",
+            dimensions=body.get("dimensions"),
+            encoding=body.get("encoding_format") or "float",
+        )
+        return web.json_response(answer)
+
 
 def _azure_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
@@ -277,6 +296,8 @@ class FakeAzure(FakeOpenAIShaped):
             web.post("/openai/deployments/{deployment}/completions", self.completions),
             web.post("/openai/v1/chat/completions", self.chat),
             web.post("/openai/v1/completions", self.completions),
+            web.post("/openai/deployments/{deployment}/embeddings", self.embeddings),
+            web.post("/openai/v1/embeddings", self.embeddings),
         ]
 
     def check(self, request: web.Request, body: dict[str, Any]) -> web.Response | None:

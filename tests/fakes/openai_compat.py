@@ -1,9 +1,10 @@
 """A fake OpenAI-compatible server (vLLM-like) on a real socket.
 
-Serves `/v1/chat/completions`, `/v1/completions` and `/v1/models`. Replies are scripted with
-`reply` (text split into the given chunks) or `tool_calls`; streams are written as real SSE
-(`data: {...}\\n\\n` ... `data: [DONE]\\n\\n`), optionally split at awkward byte boundaries,
-delayed, or cut off. Errors use vLLM's envelope (`{"error": {..., "code": 400}}`).
+Serves `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` and `/v1/models`.
+Replies are scripted with `reply` (text split into the given chunks) or `tool_calls`;
+streams are written as real SSE (`data: {...}\\n\\n` ... `data: [DONE]\\n\\n`), optionally
+split at awkward byte boundaries, delayed, or cut off. Errors use vLLM's envelope
+(`{"error": {..., "code": 400}}`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.fakes.base import FakeServer, sse
+from tests.fakes.embeddings import as_inputs, openai_answer
 
 
 class FakeOpenAI(FakeServer):
@@ -27,13 +29,52 @@ class FakeOpenAI(FakeServer):
         self.send_usage = True
         self.error_event_after: int | None = None  # send an error event after N chunks
         self.served_model = "upstream-model"
+        # embeddings: at most this many inputs per request; data in reverse order (with
+        # the right indexes); usage left out
+        self.max_embedding_inputs = 2048
+        self.reverse_embeddings = False
+        self.embedding_usage = True
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post("/v1/chat/completions", self.chat),
             web.post("/v1/completions", self.completions),
+            web.post("/v1/embeddings", self.embeddings),
             web.get("/v1/models", self.models),
         ]
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """vLLM's /v1/embeddings: OpenAI's request and answer (floats or base64)."""
+        rec = await self.record(request)
+        body = rec.json
+        if self.behaviour.status != 200:
+            return self.error_response()
+        if body.get("model") != self.served_model:
+            return web.json_response(
+                {
+                    "error": {
+                        "message": f"The model `{body.get('model')}` does not exist.",
+                        "type": "NotFoundError",
+                        "param": None,
+                        "code": 404,
+                    }
+                },
+                status=404,
+            )
+        inputs = as_inputs(body.get("input"))
+        if not inputs or len(inputs) > self.max_embedding_inputs:
+            message = f"{len(inputs)} inputs: between 1 and {self.max_embedding_inputs} allowed"
+            error = {"message": message, "type": "BadRequestError", "param": None, "code": 400}
+            return web.json_response({"error": error}, status=400)
+        answer = openai_answer(
+            inputs,
+            self.served_model,
+            dimensions=body.get("dimensions"),
+            reverse=self.reverse_embeddings,
+            encoding=body.get("encoding_format") or "float",
+            usage=self.embedding_usage,
+        )
+        return web.json_response(answer)
 
     async def models(self, request: web.Request) -> web.Response:
         await self.record(request)

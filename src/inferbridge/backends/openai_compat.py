@@ -12,6 +12,10 @@ error objects, and error events in the middle of a stream.
 
 Other adapters for OpenAI-shaped services (Azure) subclass `OpenAICompatBackend` and
 override `endpoint` / `upstream_headers` instead of copying the stream handling.
+
+Embeddings (`mode: embeddings` or `both`): `POST {url}/embeddings` with the client's body
+(its extras too), `input` set to one batch and `encoding_format` left out, so the upstream
+answers floats (the OpenAI layer encodes base64 itself).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import orjson
 from pydantic import Field
 
 from inferbridge.backends.base import OPENAI_PARAMS, Backend
+from inferbridge.backends.embedding import openai_embeddings
 from inferbridge.backends.http import (
     HttpUpstream,
     ItemParser,
@@ -34,6 +39,7 @@ from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import UpstreamError
 from inferbridge.events import (
+    Embeddings,
     Event,
     Finish,
     ReasoningDelta,
@@ -170,6 +176,8 @@ class OpenAICompatBackend(Backend):
     forwards_extras = True
     native_n = True
     accepts_token_prompts = True
+    embedding_params = frozenset({"dimensions", "user"})
+    default_embedding_batch_size = 2048  # OpenAI's limit of inputs per request
 
     def __init__(self, config: DeploymentConfig) -> None:
         super().__init__(config)
@@ -199,11 +207,17 @@ class OpenAICompatBackend(Backend):
 
     def endpoint(self, request: InferenceRequest) -> tuple[str, dict[str, str] | None]:
         """The path (and query) for this request."""
+        if request.kind == "embedding":
+            return "/embeddings", None
         return ("/chat/completions" if request.kind == "chat" else "/completions"), None
 
     def upstream_body(self, request: InferenceRequest) -> dict[str, Any]:
         body = dict(request.body)
         body["model"] = self.config.target_model
+        if request.kind == "embedding":
+            body["input"] = request.input
+            body.pop("encoding_format", None)  # floats: base64 is encoded on the way out
+            return body
         body.pop("stream_options", None)
         if self.tgi_quirks and (body.get("top_p") or 0) >= 1:
             del body["top_p"]  # TGI rejects 1.0 with a 422; it means "no nucleus cut"
@@ -251,6 +265,13 @@ class OpenAICompatBackend(Backend):
             parser = ChunkParser(self, chat)
             async for batch in self.http.events(resp, parser):
                 yield batch
+
+    async def embed(self, request: InferenceRequest) -> Embeddings:
+        path, query = self.endpoint(request)
+        async with self.http.post(path, self.upstream_body(request), params=query) as resp:
+            data = await self.http.read_json(resp)
+        self._raise_if_error(data)
+        return openai_embeddings(self.label, data)
 
     def _raise_if_error(self, data: Any) -> None:
         """An error object in a response or stream event: raise it with its real status when
