@@ -1,6 +1,8 @@
 """A fake Ollama server speaking the native API byte for byte (docs/protocols/ollama.md).
 
-Routes: `GET /`, `GET /api/version`, `GET /api/tags`, `POST /api/chat`, `POST /api/generate`.
+Routes: `GET /`, `GET /api/version`, `GET /api/tags`, `POST /api/chat`, `POST /api/generate`,
+`POST /api/embed` (`input` a string or a list of strings, `dimensions`, `truncate`; the
+vectors are `tests.fakes.embeddings.fake_vector`, `prompt_eval_count` counts words).
 The JSON is written the way Go's encoding/json writes Ollama's structs: compact, fields in
 struct order (`done_reason` before `done` on chat, after it on generate), `omitempty`
 metrics left out when zero, HTML characters escaped as `\\u003c`, non-ASCII as raw UTF-8,
@@ -37,6 +39,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.fakes.base import FakeServer
+from tests.fakes.embeddings import FAKE_DIMENSIONS, count_tokens, fake_vector
 
 DEFAULT_MODELS = ("llama3.2:latest", "qwen3:8b")
 _DURATION = re.compile(r"[-+]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+")
@@ -87,7 +90,49 @@ class FakeOllama(FakeServer):
             web.get("/api/tags", self.tags),
             web.post("/api/chat", self.chat),
             web.post("/api/generate", self.generate),
+            web.post("/api/embed", self.embed),
         ]
+
+    async def embed(self, request: web.Request) -> web.Response:
+        """`/api/embed` as routes.go EmbedHandler answers it (`EmbedResponse` field order)."""
+        rec = await self.record(request)
+        try:
+            body = rec.json
+        except ValueError as exc:
+            return self._error(400, str(exc))
+        if not isinstance(body, dict):
+            return self._error(400, "missing request body")
+        model = body.get("model") or ""
+        if self._resolve(model) is None:
+            return self._error(404, f'model "{model}" not found, try pulling it first')
+        if self.behaviour.status != 200:
+            return self.error_response()
+        raw = body.get("input")
+        if isinstance(raw, str):
+            inputs = [raw] if raw else []
+        elif isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            inputs = raw
+        elif raw is None:
+            inputs = []
+        else:
+            return self._error(400, "invalid input type")
+        keep_alive = body.get("keep_alive")
+        if isinstance(keep_alive, str) and not _DURATION.fullmatch(keep_alive):
+            return self._error(400, f'time: invalid duration "{keep_alive}"')
+        if "truncate" in body and not isinstance(body["truncate"], bool):
+            return self._error(400, "json: cannot unmarshal into Go struct field .truncate")
+        dims = body.get("dimensions") or FAKE_DIMENSIONS
+        vectors = [fake_vector(text, dims) for text in inputs]
+        answer: dict[str, Any] = {
+            "model": model,
+            "embeddings": vectors,
+            "total_duration": 14143917,
+            "load_duration": 1019500,
+        }
+        tokens = sum(count_tokens(text) for text in inputs)
+        if tokens:
+            answer["prompt_eval_count"] = tokens
+        return self._json(answer)
 
     # -- simple endpoints -----------------------------------------------------------------
     async def root(self, request: web.Request) -> web.Response:

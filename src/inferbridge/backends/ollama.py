@@ -15,6 +15,11 @@ Request translation (see docs/backends/ollama.md for the table):
 
 The answer is NDJSON (one JSON object a line, the last with `done: true`) or one JSON
 object; an `{"error": ...}` line after the stream started is raised as an UpstreamError.
+
+Embeddings (`mode: embeddings` or `both`) go to `/api/embed` (`{"model", "input": [texts]}`
+-> `{"embeddings": [[...]], "prompt_eval_count"}`), with `dimensions`, the entry's and the
+request's `options` / `num_ctx`, `keep_alive` and `truncate`. Token-id inputs are refused:
+Ollama takes text.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import orjson
 from pydantic import Field, field_validator
 
 from inferbridge.backends.base import Backend
+from inferbridge.backends.embedding import float_vectors, text_inputs
 from inferbridge.backends.http import HttpUpstream, ItemParser, load_json, status_error
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import NDJSONDecoder
 from inferbridge.errors import InvalidRequest, UnsupportedParameter, UpstreamError, UpstreamRejected
 from inferbridge.events import (
+    Embeddings,
     Event,
     Finish,
     ReasoningDelta,
@@ -302,6 +309,8 @@ class OllamaBackend(Backend):
     Settings = OllamaSettings
     supported_params = frozenset({*_PARAM_OPTIONS, "response_format", "tools", "tool_choice"})
     supported_extras = frozenset({*_EXTRA_OPTIONS, "keep_alive", "options", "think"})
+    embedding_params = frozenset({"dimensions"})
+    embedding_extras = frozenset({"keep_alive", "options", "truncate", "num_ctx"})
 
     def __init__(self, config: DeploymentConfig) -> None:
         super().__init__(config)
@@ -394,6 +403,43 @@ class OllamaBackend(Backend):
             parser = ItemParser(self.label, NDJSONDecoder(), reader.line)
             async for batch in self.http.events(resp, parser):
                 yield batch
+
+    # -- embeddings -----------------------------------------------------------------------
+    def embed_body(self, request: InferenceRequest) -> dict[str, Any]:
+        """The `/api/embed` body for one batch of `request.input`."""
+        extras = request.extras
+        body: dict[str, Any] = {
+            "model": self.config.target_model,
+            "input": text_inputs(request, "ollama"),
+        }
+        if "dimensions" in request.params:
+            body["dimensions"] = request.params["dimensions"]
+        if "truncate" in extras:
+            if not isinstance(extras["truncate"], bool):
+                raise InvalidRequest("'truncate' must be true or false.", param="truncate")
+            body["truncate"] = extras["truncate"]
+        options = self.options(request)
+        if options:
+            body["options"] = options
+        keep_alive = self.settings.keep_alive
+        if "keep_alive" in extras:
+            try:
+                keep_alive = keep_alive_value(extras["keep_alive"])
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param="keep_alive") from None
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
+        return body
+
+    async def embed(self, request: InferenceRequest) -> Embeddings:
+        async with self.http.post("/api/embed", self.embed_body(request)) as resp:
+            data = await self.http.read_json(resp)
+        if not isinstance(data, dict) or data.get("error"):
+            error = data.get("error") if isinstance(data, dict) else data
+            raise UpstreamError(f"{self.label} reported an error: {error}", backend=self.label)
+        tokens = data.get("prompt_eval_count")
+        vectors = float_vectors(self.label, data.get("embeddings"))
+        return Embeddings(vectors, tokens if isinstance(tokens, int) else None)
 
     # -- readiness ------------------------------------------------------------------------
     async def list_models(self) -> list[str]:
