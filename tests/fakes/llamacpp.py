@@ -14,6 +14,13 @@ builds before Sept 2025 wrote) after `stream_error_after` tokens; `n_ctx` (a lon
 gets HTTP 400 `exceed_context_size_error`); `loading` (503 everywhere, like a server still
 loading its model). `behaviour.status` answers every /completion with that status and
 llama.cpp's error envelope. Split/drop/delay come from the `Behaviour` harness.
+
+`POST /embedding` (and `/embeddings`) take `content` as llama-server's
+`tokenize_input_prompts` does (a text, token ids, or a list of them) and answer
+`[{"index", "embedding": [[...]]}]` (`embedding_dialect` "current"), `{"embedding": [...]}`
+for a single content ("legacy", builds before Dec 2024; a list is a 500 there), or one
+vector per token ("pooling_none"); `embeddings_enabled` False answers 501 as a server
+started without `--embeddings` does.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.fakes.base import FakeServer
+from tests.fakes.embeddings import fake_vector
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -83,10 +91,14 @@ class FakeLlamaCpp(FakeServer):
         self.chat_template: str | None = CHATML
         self.bos_token = "<s>"
         self.eos_token = "</s>"
+        self.embedding_dialect = "current"
+        self.embeddings_enabled = True
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.post("/completion", self.completion),
+            web.post("/embedding", self.embedding),
+            web.post("/embeddings", self.embedding),
             web.get("/health", self.health),
             web.get("/props", self.props),
         ]
@@ -120,6 +132,38 @@ class FakeLlamaCpp(FakeServer):
         if self.chat_template is not None:
             data["chat_template"] = self.chat_template
         return self._json(dumps(data))
+
+    async def embedding(self, request: web.Request) -> web.Response:
+        rec = await self.record(request)
+        if self.loading:
+            return self._loading()
+        if not self.embeddings_enabled:
+            message = "This server does not support embeddings. Start it with `--embeddings`"
+            return self._json(error_body(501, message), 501)
+        status = self.behaviour.status
+        if status != 200:
+            return self._json(error_body(status, "fake failure"), status)
+        body = rec.json or {}
+        content = body.get("content", body.get("input"))
+        if content is None:
+            return self._json(error_body(400, '"input" or "content" must be provided'), 400)
+        single = isinstance(content, str) or (
+            isinstance(content, list) and bool(content) and isinstance(content[0], int)
+        )
+        prompts = [content] if single else list(content)
+        if self.embedding_dialect == "legacy":
+            if not single:
+                return self._json(error_body(500, "[json.exception.type_error.302]"), 500)
+            return self._json(dumps({"embedding": fake_vector(content)}))
+        results = []
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                return self._json(error_body(400, "Input content cannot be empty"), 400)
+            rows = [fake_vector(prompt)]
+            if self.embedding_dialect == "pooling_none":
+                rows = [fake_vector(f"{prompt}#{k}") for k in range(3)]
+            results.append({"index": i, "embedding": rows})
+        return self._json(dumps(results))
 
     async def completion(self, request: web.Request) -> web.StreamResponse:
         rec = await self.record(request)

@@ -15,6 +15,13 @@ Streams are SSE `data: {"content": ..., "stop": false}` events ending with one
 `{"error": {"code": N, "message", "type"}}`, in-stream `data: {"error": {...}}` or the
 legacy `error: {...}` line; `exceed_context_size_error` becomes a 400
 `context_length_exceeded`. See docs/backends/llamacpp.md for the parameter table.
+
+Embeddings (`mode: embeddings` or `both`; the server started with `--embeddings` and a
+pooling type other than `none`) go to the native `POST /embedding` with `content`: the
+text or token ids of a batch of one (every build), a list of them for larger batches
+(builds since Dec 2024). Answers read: `[{"index", "embedding": [[...]]}]` (current),
+`{"embedding": [...]}` (older builds), and OpenAI's shape. The native endpoint counts no
+tokens: usage is estimated.
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ import orjson
 from pydantic import Field
 
 from inferbridge.backends.base import Backend
+from inferbridge.backends.embedding import float_vector, openai_embeddings
 from inferbridge.backends.http import HttpUpstream, ItemParser, error_message, status_error
 from inferbridge.backends.prompting import PromptBuilder, PromptSettings
 from inferbridge.decoders import NDJSONDecoder
 from inferbridge.errors import InvalidRequest, UpstreamError, UpstreamRejected, UpstreamUnavailable
-from inferbridge.events import Event, Finish, TextDelta, Usage
+from inferbridge.events import Embeddings, Event, Finish, TextDelta, Usage
 from inferbridge.request import InferenceRequest
 from inferbridge.templates import ChatTemplate, TemplateError
 from inferbridge.templates.renderer import compile_template
@@ -287,6 +295,7 @@ class LlamaCppBackend(Backend):
     )
     supported_extras = _NATIVE_EXTRAS | {"repetition_penalty"}
     accepts_token_prompts = True
+    embedding_extras = frozenset({"embd_normalize"})
 
     def __init__(self, config: LlamaCppSettings) -> None:  # type: ignore[override]
         super().__init__(config)
@@ -415,6 +424,50 @@ class LlamaCppBackend(Backend):
             parser = ItemParser(self.label, NDJSONDecoder(), reader.line)
             async for batch in self.http.events(resp, parser):
                 yield batch
+
+    # -- embeddings -----------------------------------------------------------------------
+    async def embed(self, request: InferenceRequest) -> Embeddings:
+        inputs = request.input or []
+        body: dict[str, Any] = {"content": inputs[0] if len(inputs) == 1 else inputs}
+        if "embd_normalize" in request.extras:
+            body["embd_normalize"] = request.extras["embd_normalize"]
+        async with self.http.post("/embedding", body) as resp:
+            data = await self.http.read_json(resp)
+        return llamacpp_embeddings(self.label, data)
+
+
+def llamacpp_embeddings(label: str, data: Any) -> Embeddings:
+    """The answer of llama-server's `/embedding`, in any of its shapes (see module doc)."""
+    if isinstance(data, dict) and "data" in data:
+        return openai_embeddings(label, data)
+    if isinstance(data, dict) and "error" in data:
+        raise stream_error(label, data["error"])
+    items = data.get("results", [data]) if isinstance(data, dict) else data
+    if not isinstance(items, list) or not all(
+        isinstance(i, dict) and "embedding" in i for i in items
+    ):
+        raise UpstreamError(
+            f"{label} sent an unexpected embeddings answer: {str(data)[:200]}", backend=label
+        )
+    items = sorted(items, key=lambda i: i["index"] if isinstance(i.get("index"), int) else 0)
+    vectors = []
+    for item in items:
+        value = item["embedding"]
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            if len(value) != 1:  # one vector per token
+                err = UpstreamError(
+                    f"{label} returned one vector per token: the server runs with "
+                    "--pooling none; start it with --pooling mean (or cls, last) to serve "
+                    "embeddings",
+                    backend=label,
+                )
+                err.retryable = False
+                raise err
+            value = value[0]
+        vectors.append(float_vector(label, value))
+    counts = [i.get("tokens_evaluated", i.get("n_tokens")) for i in items]
+    tokens = sum(counts) if all(isinstance(c, int) for c in counts) else None
+    return Embeddings(vectors, tokens)
 
 
 def _top_logprobs(request: InferenceRequest) -> int | None:
