@@ -345,6 +345,8 @@ def test_an_attempt_copies_every_field_and_owns_its_dicts():
         "include_usage": True,
         "body": {"model": "m"},
         "request_id": "rid",
+        "ignored": [],  # a fresh list per attempt
+        "input": ["to embed"],
     }
     assert set(values) == {f.name for f in dataclasses.fields(InferenceRequest)}
     original = InferenceRequest(**values)
