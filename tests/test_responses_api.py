@@ -311,6 +311,25 @@ def test_stream_failure_after_the_start_is_response_failed(srv, upstream):
     assert any(e.type == "response.output_text.delta" for e in events)
 
 
+def test_client_disconnect_closes_the_upstream_stream_and_stores_nothing(srv, upstream):
+    upstream.behaviour.delay_between_chunks = 0.2
+    upstream.reply = [f" t{i}" for i in range(50)]
+    body = {"model": "vllm", "input": "hi", "stream": True}
+    headers = {"authorization": f"Bearer {KEY}"}
+    with (
+        httpx.Client(timeout=10) as http,
+        http.stream("POST", srv.base_url + "/responses", json=body, headers=headers) as resp,
+    ):
+        lines = resp.iter_lines()
+        created = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+        assert created["type"] == "response.created"
+    deadline = time.monotonic() + 3
+    while upstream.open_streams and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert upstream.open_streams == 0 and upstream.closed_streams == 1
+    assert post_get(srv, created["response"]["id"]).status_code == 404
+
+
 def test_error_before_the_start_is_an_http_error(srv, upstream):
     upstream.behaviour.status = 500
     with pytest.raises(openai.InternalServerError):

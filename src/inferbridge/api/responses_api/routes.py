@@ -133,11 +133,16 @@ class ResponsesExchange:
         """The streamed body, storing the response before its last event leaves (a client
         may continue from it as soon as it sees `response.completed`)."""
         saved = False
-        async for chunk in body:
-            if not saved and self.renderer is not None and self.renderer.final is not None:
-                saved = True
-                await self.save()
-            yield chunk
+        try:
+            async for chunk in body:
+                if not saved and self.renderer is not None and self.renderer.final is not None:
+                    saved = True
+                    await self.save()
+                yield chunk
+        finally:  # cancelled while saving: the body still records and closes its stream
+            close = getattr(body, "aclose", None)
+            if close is not None:
+                await close()
 
 
 # -- routes -------------------------------------------------------------------------------------
