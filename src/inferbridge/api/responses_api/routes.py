@@ -66,20 +66,17 @@ router = APIRouter(tags=["responses"], route_class=ResponsesRoute)
 
 # -- state --------------------------------------------------------------------------------------
 def store_of(request: Request) -> ResponseStore:
+    """The app's response store, made on first use from the `responses:` config."""
     state = request.app.state
     store = getattr(state, "response_store", None)
     if store is None:
         gateway: Gateway = state.gateway
-        settings = getattr(gateway.config, "responses", None)
-        if settings is None:
-            store = MemoryResponseStore()
-        else:
-            store = MemoryResponseStore(
-                ttl=settings.store_ttl,
-                max_items=settings.max_stored,
-                max_bytes=settings.max_stored_bytes,
-            )
-        state.response_store = store
+        settings = gateway.config.responses
+        store = state.response_store = MemoryResponseStore(
+            ttl=settings.store_ttl,
+            max_items=settings.max_stored,
+            max_bytes=settings.max_stored_bytes,
+        )
     return store
 
 
