@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -607,3 +608,73 @@ def test_llamacpp_refuses_dimensions(serve: Any, llama: FakeLlamaCpp) -> None:
     resp = post(dropping, {"model": "bge", "input": "x", "dimensions": 8})
     assert resp.status_code == 200
     assert resp.headers["x-inferbridge-ignored-params"] == "dimensions"
+
+
+# -- SageMaker endpoints running the TEI container --------------------------------------------
+@pytest.fixture
+def tei(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    from tests.fakes.sagemaker import FakeSageMaker
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    with FakeSageMaker() as fake:
+        fake.container = "tei"  # type: ignore[attr-defined]
+        yield fake
+
+
+def tei_entry(fake: Any, **kw: Any) -> dict[str, Any]:
+    return {
+        "name": "tei",
+        "backend": "sagemaker",
+        "region": "us-east-1",
+        "url": fake.url,
+        "endpoint_name": "my-endpoint",
+        "mode": "embeddings",
+        "timeout": 5,
+        **kw,
+    }
+
+
+def test_sagemaker_tei(serve: Any, tei: Any) -> None:
+    srv = serve({"models": [tei_entry(tei)]})
+    result = srv.openai().embeddings.create(model="tei", input=TEXTS[:3])
+    assert [d.embedding for d in result.data] == [fake_vector(t) for t in TEXTS[:3]]
+    assert result.usage.prompt_tokens > 0  # estimated: TEI counts none in its body
+    calls = [r for r in tei.requests if r.path.endswith("/invocations")]
+    assert calls[0].path == "/endpoints/my-endpoint/invocations"
+    assert calls[0].json == {"inputs": TEXTS[:3]}
+    resp = post(srv, {"model": "tei", "input": [[1, 2], [3]], "truncate": True})
+    assert resp.status_code == 200
+    assert resp.headers["x-inferbridge-usage-estimated"] == "true"
+    assert vectors(resp) == [fake_vector([1, 2]), fake_vector([3])]
+    assert tei.requests[-1].json == {"inputs": [[1, 2], [3]], "truncate": True}
+
+
+def test_sagemaker_tei_batches_of_32(serve: Any, tei: Any) -> None:
+    srv = serve({"models": [tei_entry(tei)]})
+    texts = [f"text number {i}" for i in range(70)]
+    result = srv.openai().embeddings.create(model="tei", input=texts)
+    assert [d.embedding for d in result.data] == [fake_vector(t) for t in texts]
+    sizes = [len(r.json["inputs"]) for r in tei.requests if r.path.endswith("/invocations")]
+    assert sizes == [32, 32, 6]
+    tei.reset()
+    tei.container = "tei"
+    too_big = serve({"models": [tei_entry(tei, embedding_batch_size=40)]})
+    resp = post(too_big, {"model": "tei", "input": texts[:40]})
+    assert resp.status_code == 400  # TGI/TEI validation errors (422) are the client's 400
+    assert "maximum allowed batch size 32" in resp.json()["error"]["message"]
+
+
+def test_sagemaker_refuses_dimensions_and_defaults_to_chat(serve: Any, tei: Any) -> None:
+    srv = serve({"models": [tei_entry(tei), tei_entry(tei, name="gen", mode=None)]})
+    resp = post(srv, {"model": "tei", "input": "x", "dimensions": 4})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "dimensions"
+    resp = post(srv, {"model": "gen", "input": "x"})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "model"

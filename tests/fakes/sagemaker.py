@@ -15,6 +15,11 @@ The "container" behind it is a small TGI: generate payloads (`inputs` / `paramet
 TGI's validation rules, stop sequences (included in the text, as TGI does), `max_new_tokens`,
 `details`, and the Messages API (`messages`, or `prompt` for completions) answering in
 OpenAI shapes. It generates `tokens` then the EOS token.
+
+With `container = "tei"` it is the Text Embeddings Inference container instead: `{"inputs":
+text | [texts or token ids], "truncate", "normalize"}` -> a list of vectors
+(`tests.fakes.embeddings.fake_vector`), at most `max_client_batch_size` inputs (else TEI's
+422 validation error).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.fakes.base import FakeServer
+from tests.fakes.embeddings import fake_vector
 
 ACCOUNT = "123456789012"
 EVENTSTREAM = "application/vnd.amazon.eventstream"
@@ -141,6 +147,8 @@ class FakeSageMaker(FakeServer):
         self.aws_error: tuple[int, str, str] | None = None  # (status, code, message)
         self.container_error: tuple[int, Any] | None = None  # the container answers this
         self.container_stream_error: dict[str, Any] | None = None  # TGI error event mid-stream
+        self.container = "tgi"  # or "tei": an embeddings container
+        self.max_client_batch_size = 32
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -237,7 +245,26 @@ class FakeSageMaker(FakeServer):
         out.append((self.eos, True))
         return out, "eos_token"
 
+    def embed(self, body: dict[str, Any]) -> Any:
+        """TEI's `/invocations` for an embedding model (its `/embed`)."""
+        raw = body.get("inputs")
+        single = isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
+        inputs = [raw] if single else raw
+        if not isinstance(inputs, list) or not inputs:
+            raise ContainerError(
+                422, {"error": "`inputs` cannot be empty", "error_type": "validation"}
+            )
+        if len(inputs) > self.max_client_batch_size:
+            message = (
+                f"batch size {len(inputs)} > maximum allowed batch size "
+                f"{self.max_client_batch_size}"
+            )
+            raise ContainerError(422, {"error": message, "error_type": "validation"})
+        return [fake_vector(item) for item in inputs]
+
     def answer(self, body: dict[str, Any]) -> Any:
+        if self.container == "tei":
+            return self.embed(body)
         if "inputs" in body:
             params = body.get("parameters") or {}
             tokens, reason = self._generate(params)

@@ -15,6 +15,12 @@ The container behind the endpoint is the Hugging Face LLM container (TGI). Two p
 - `payload: messages`: the container's Messages API (`{"messages", ...}`, or `{"prompt", ...}`
   for completions); replies are OpenAI-shaped and decoded with the openai_compat helpers.
 
+Embeddings (`mode: embeddings`): endpoints running the Hugging Face TEI container (Text
+Embeddings Inference). InvokeEndpoint with `{"inputs": [texts or token ids]}` (and the
+request's `truncate`, `normalize`, `truncation_direction`, `prompt_name`) answers a list of
+vectors; batches default to 32 inputs (TEI's `--max-client-batch-size`); TEI counts no
+tokens in the body, so usage is estimated.
+
 boto3 is synchronous, so every call runs in a dedicated thread pool (one pooled connection
 per thread). A streamed call is read in its worker thread: each `PayloadPart` is handed to the
 event loop through an asyncio queue as it arrives and the bytes are reassembled into SSE lines
@@ -51,6 +57,7 @@ from botocore.session import Session
 from pydantic import Field, model_validator
 
 from inferbridge.backends.base import Backend
+from inferbridge.backends.embedding import float_vectors
 from inferbridge.backends.http import load_json, status_error
 from inferbridge.backends.openai_compat import chunk_events, response_events
 from inferbridge.backends.prompting import PromptBuilder, PromptSettings
@@ -65,7 +72,7 @@ from inferbridge.backends.tgi import (
 )
 from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import UpstreamError, UpstreamTimeout
-from inferbridge.events import Event
+from inferbridge.events import Embeddings, Event
 from inferbridge.request import InferenceRequest
 
 ENDPOINT_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
@@ -240,6 +247,8 @@ class SageMakerBackend(TGIBackend):
 
     Settings = SageMakerSettings
     health = None  # type: ignore[assignment]  # no runtime ping: judged by its requests
+    embedding_extras = frozenset({"truncate", "normalize", "truncation_direction", "prompt_name"})
+    default_embedding_batch_size = 32  # TEI's default --max-client-batch-size
 
     def __init__(self, config: SageMakerSettings) -> None:  # type: ignore[override]
         Backend.__init__(self, config)  # not TGIBackend's: there is no HTTP pool to build
@@ -371,6 +380,16 @@ class SageMakerBackend(TGIBackend):
                 raise container_error(self.label, obj)
             out.extend(chunk_events(obj, chat))
         return False
+
+    async def embed(self, request: InferenceRequest) -> Embeddings:
+        """A TEI container's `/invocations`: `{"inputs": [...]}` -> `[[...], ...]`."""
+        body: dict[str, Any] = {"inputs": request.input or []}
+        for key in self.embedding_extras.intersection(request.extras):
+            body[key] = request.extras[key]
+        data = await self._invoke(self._call_args(body, stream=False))
+        if isinstance(data, dict) and data.get("error"):
+            raise container_error(self.label, data)
+        return Embeddings(float_vectors(self.label, data), None)
 
     # -- boto3 calls, off the event loop ----------------------------------------------------
     async def _invoke(self, args: dict[str, Any]) -> Any:
