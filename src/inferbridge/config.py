@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -27,6 +28,8 @@ from pydantic import (
 )
 
 from inferbridge.config_source import ConfigError, Source, did_you_mean, dotted, resolve_env
+
+_SECRET_WORDS = ("api_key", "access_key", "ad_token", "api_token", "secret", "password")
 
 
 class TLSConfig(BaseModel):
@@ -56,6 +59,12 @@ class DeploymentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, description="The model name clients send.")
+    id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Short stable id of this deployment in messages, logs and metrics "
+        "(default: the name and the entry's position among that name's entries, `name[0]`).",
+    )
     backend: str
     url: str | None = None
     upstream_model: str | None = Field(
@@ -133,9 +142,25 @@ class DeploymentConfig(BaseModel):
         return self.upstream_model or self.name
 
     def describe(self) -> str:
-        """How error messages name this deployment: `backend 'vllm' (model mistral at URL)`."""
-        where = f" at {self.url}" if self.url else ""
-        return f"backend '{self.backend}' (model {self.name}{where})"
+        """How messages, logs and metrics name this deployment: `backend 'vllm' (mistral[0])`,
+        never by its URL (which may hold credentials or internal addresses)."""
+        return f"backend '{self.backend}' ({self.id or self.name})"
+
+    def secrets(self) -> list[str]:
+        """Values of this entry that must never reach a client: keys, tokens, header values,
+        the URL's user info and query values (masked in relayed upstream text)."""
+        found: list[str] = []
+        for key, value in self.model_dump().items():
+            if isinstance(value, str) and any(w in key for w in _SECRET_WORDS):
+                found.append(value)
+        for value in self.headers.values():
+            found.append(value)
+            found.append(value.partition(" ")[2])  # the token of "Bearer TOKEN"
+        if self.url:
+            parts = urlsplit(self.url)
+            found += [parts.password or "", parts.username or ""]
+            found += [v for _, v in parse_qsl(parts.query)]
+        return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
 
 
 class CorsConfig(BaseModel):
@@ -428,11 +453,29 @@ def load_config(
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     assert base is not None
+    errors = assign_ids(deployments)
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     base.models = deployments
     base.missing_env = sorted({name for _, name in missing})
     for warning in shared_name_warnings(deployments):
         logging.getLogger("inferbridge").warning(warning)
     return base
+
+
+def assign_ids(deployments: list[DeploymentConfig]) -> list[str]:
+    """Give every entry without an `id:` its default, `name[i]`; ids must be unique."""
+    counts: dict[str, int] = {}
+    seen: set[str] = set()
+    errors = []
+    for d in deployments:
+        i = counts[d.name] = counts.get(d.name, -1) + 1
+        if d.id is None:
+            d.id = f"{d.name}[{i}]"
+        if d.id in seen:
+            errors.append(f"models: id '{d.id}' is used by more than one entry")
+        seen.add(d.id)
+    return errors
 
 
 def shared_name_warnings(deployments: list[DeploymentConfig]) -> list[str]:

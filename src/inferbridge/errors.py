@@ -38,6 +38,17 @@ class InferbridgeError(Exception):
             self.status = status
         self.headers = headers or {}
 
+    def redact(self, secrets: list[str]) -> InferbridgeError:
+        """Mask every one of `secrets` in the message (an upstream may echo a key back)."""
+        message = self.message
+        for secret in secrets:
+            if secret in message:
+                message = message.replace(secret, "***")
+        if message != self.message:
+            self.message = message
+            self.args = (message,)
+        return self
+
     def envelope(self) -> dict[str, Any]:
         return {
             "error": {

@@ -85,7 +85,7 @@ class Router:
         deployments = []
         for i, backend in enumerate(backends):
             cfg = backend.config
-            key = f"{name}[{i}]"
+            key = cfg.id or f"{name}[{i}]"
             limit = Limiter(
                 self.store,
                 key,

@@ -86,6 +86,7 @@ class FakeReplicate(FakeServer):
         self.done_reason: str | None = None  # e.g. "canceled" on the SSE done event
         self.predictions: dict[str, dict[str, Any]] = {}
         self.cancelled: list[str] = []
+        self.url_origin: str | None = None  # the origin of the urls handed out (default: ours)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -168,10 +169,11 @@ class FakeReplicate(FakeServer):
             return _problem(422, "Input validation failed",
                             f"- input: Additional property {extra[0]} is not allowed")  # fmt: skip
         pid = f"fakepred{next(self._ids):04d}"
-        base = f"{self.url}/v1/predictions/{pid}"
+        origin = self.url_origin or self.url
+        base = f"{origin}/v1/predictions/{pid}"
         urls = {"get": base, "cancel": base + "/cancel", "web": f"https://replicate.com/p/{pid}"}
         if body.get("stream") and self.streaming:
-            urls["stream"] = f"{self.url}/stream/v1/predictions/{pid}"
+            urls["stream"] = f"{origin}/stream/v1/predictions/{pid}"
         p = {"id": pid, "model": model, "version": version, "input": inp, "logs": "",
              "output": None, "error": None, "status": "starting", "data_removed": False,
              "created_at": "2025-01-01T00:00:00.000000Z", "started_at": None,

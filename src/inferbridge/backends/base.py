@@ -81,6 +81,8 @@ class Backend:
     def __init__(self, config: DeploymentConfig) -> None:
         self.config = config
         self.label = config.describe()
+        self.secrets = config.secrets()
+        """What must be masked in any upstream text relayed to a client."""
         self.drop_unsupported = False
 
     async def start(self) -> None:
@@ -94,6 +96,10 @@ class Backend:
     #                                         ready (TGI /health, llama.cpp /health, Ollama
     #                                         /api/tags, ...)
     #   async def list_models(self) -> list[str]
+    #   async def count_tokens(self, request) -> int | None
+    #                                         a chat request's prompt tokens, counted by the
+    #                                         backend's tokenizer (llama.cpp and vLLM
+    #                                         /tokenize); None when it cannot say
 
     async def probe(self) -> dict[str, Any]:
         """What the upstream says about itself, for `inferbridge check --probe`; raises an

@@ -40,10 +40,14 @@ URLs).
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import getproxies_environment, proxy_bypass_environment
 
 import aiohttp
@@ -143,6 +147,34 @@ def status_error(label: str, status: int, body: bytes, headers: Any = None) -> U
     return UpstreamError(f"{label} failed with HTTP {status}: {message}", backend=label)
 
 
+def split_user_info(url: str) -> tuple[str, str | None]:
+    """`http://user:pass@host/...` -> the URL without them and a Basic `Authorization`
+    value (None when the URL has no user info)."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    plain = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    user, password = unquote(parts.username), unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return plain, f"Basic {token}"
+
+
+def _reason(exc: aiohttp.ClientConnectorError) -> str:
+    """Why a connection failed, without the address (it may be internal)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "its TLS certificate is not trusted"
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        return "the TLS handshake failed"
+    code = exc.os_error.errno
+    if isinstance(exc.os_error, socket.gaierror):
+        return "its host name does not resolve"
+    return os.strerror(code) if code else type(exc.os_error).__name__
+
+
 def transport_error(label: str, exc: BaseException) -> UpstreamError:
     """Map an aiohttp or socket exception to the error inferbridge returns."""
     if isinstance(exc, UpstreamError):
@@ -155,7 +187,7 @@ def transport_error(label: str, exc: BaseException) -> UpstreamError:
     if isinstance(exc, aiohttp.ClientResponseError):  # the parser refused the answer's head
         return UpstreamError(f"{label} sent an invalid answer: {exc.message}", backend=label)
     if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS, proxy: not sent
-        return UpstreamError(f"{label} is unreachable: {exc}", backend=label)
+        return UpstreamError(f"{label} is unreachable ({_reason(exc)})", backend=label)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamTimeout(f"{label} did not answer in time (connecting)", backend=label)
     if isinstance(exc, aiohttp.SocketTimeoutError):
@@ -169,7 +201,7 @@ def transport_error(label: str, exc: BaseException) -> UpstreamError:
         return UpstreamError(f"{label} closed the connection mid-response ({exc})", backend=label)
     if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)):
         return UpstreamError(f"{label} closed the connection mid-response", backend=label)
-    return UpstreamError(f"{label} failed: {type(exc).__name__}: {exc}", backend=label)
+    return UpstreamError(f"{label} failed ({type(exc).__name__})", backend=label)
 
 
 def load_json(label: str, data: bytes, what: str = "stream event") -> Any:
@@ -386,9 +418,16 @@ class HttpUpstream:
         headers: dict[str, str] | None = None,
         error_mapper: Callable[[str, int, bytes, Any], UpstreamError] = status_error,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.base_url, basic = split_user_info(base_url.rstrip("/"))
         self.label = label
         self.headers = headers or {}
+        if basic is not None:
+            if any(k.lower() == "authorization" for k in self.headers):
+                raise ConfigError(
+                    f"{label}: the URL carries a user and password and the entry sets an "
+                    "Authorization header too (api_key or headers:); keep one"
+                )
+            self.headers = {**self.headers, "Authorization": basic}
         self.error_mapper = error_mapper
         self.timeout = timeout
         self.connect_timeout = connect_timeout

@@ -25,6 +25,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import orjson
 from pydantic import Field, model_validator
@@ -250,8 +251,27 @@ class ReplicateBackend(Backend):
         if cfg.version:
             return "/predictions"
         if cfg.deployment:
-            return f"/deployments/{cfg.deployment}/predictions"
-        return f"/models/{cfg.model or cfg.target_model}/predictions"
+            return f"/deployments/{segments(cfg.deployment)}/predictions"
+        return f"/models/{segments(cfg.model or cfg.target_model)}/predictions"
+
+    def followable(self, url: Any) -> str | None:
+        """An upstream-supplied URL (`urls.get`, `urls.stream`, `urls.cancel`) that may be
+        sent the Replicate token: the configured origin's scheme (https for the real API)
+        and its host, or a subdomain of replicate.com when that is the configured host.
+        None for anything else (it is not followed)."""
+        if not isinstance(url, str) or not url:
+            return None
+        ours, theirs = urlsplit(self.http.base_url), urlsplit(url)
+        if theirs.scheme != ours.scheme or theirs.username or theirs.password:
+            return None
+        host, home = theirs.hostname or "", ours.hostname or ""
+        same = host == home and theirs.port == ours.port
+        replicate = (
+            home.endswith("replicate.com")
+            and theirs.scheme == "https"
+            and (host == "replicate.com" or host.endswith(".replicate.com"))
+        )
+        return url if same or replicate else None
 
     # -- the request ----------------------------------------------------------------------
     async def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
@@ -273,7 +293,7 @@ class ReplicateBackend(Backend):
             )
         run = _Run(stops, request.max_tokens)
         try:
-            url = (prediction.get("urls") or {}).get("stream")
+            url = self.followable((prediction.get("urls") or {}).get("stream"))
             if request.stream and url and prediction.get("status") not in TERMINAL:
                 async for batch in self._follow_stream(url, prediction, run):
                     yield batch
@@ -356,16 +376,16 @@ class ReplicateBackend(Backend):
             yield decoder.feed(raw)
         yield decoder.flush()
 
-    def _url(self, prediction: dict[str, Any], kind: str) -> str:
-        url = (prediction.get("urls") or {}).get(kind)
-        if isinstance(url, str) and url:
+    def prediction_url(self, prediction: dict[str, Any], kind: str) -> str:
+        url = self.followable((prediction.get("urls") or {}).get(kind))
+        if url is not None:
             return url
         suffix = "/cancel" if kind == "cancel" else ""
-        return f"/predictions/{prediction['id']}{suffix}"
+        return f"/predictions/{quote(str(prediction['id']), safe='')}{suffix}"
 
     async def _get(self, prediction: dict[str, Any], quiet: bool = False) -> dict[str, Any] | None:
         try:
-            async with self.http.request("GET", self._url(prediction, "get")) as resp:
+            async with self.http.request("GET", self.prediction_url(prediction, "get")) as resp:
                 data = await self.http.read_json(resp)
         except UpstreamError:
             if not quiet:
@@ -388,7 +408,7 @@ class ReplicateBackend(Backend):
 
     async def _cancel(self, prediction: dict[str, Any]) -> None:
         """Cancel an unfinished prediction, even while the request itself is being cancelled."""
-        task = asyncio.ensure_future(self._send_cancel(self._url(prediction, "cancel")))
+        task = asyncio.ensure_future(self._send_cancel(self.prediction_url(prediction, "cancel")))
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
         await asyncio.shield(task)
@@ -408,6 +428,11 @@ def _json(data: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def segments(path: str) -> str:
+    """A path from config (`owner/name`), each segment percent-encoded."""
+    return "/".join(quote(part, safe="") for part in path.split("/"))
 
 
 def _detail(data: bytes) -> str:

@@ -81,8 +81,10 @@ async def routed_stream(
         finally:
             watch.stop()
     except UpstreamError as exc:
-        if dep is not None and exc.retryable:
-            router.failed(dep)  # died mid-stream: counts against the deployment
+        if dep is not None:
+            exc.redact(dep.backend.secrets)
+            if exc.retryable:
+                router.failed(dep)  # died mid-stream: counts against the deployment
         raise
     finally:
         if dep is not None:
@@ -135,7 +137,7 @@ async def _try_model(
             return exc
         backend = dep.backend
         route.model = group.name
-        route.deployment = backend.label
+        route.deployment = dep.id
         route.backend = backend.config.backend
         route.attempts += 1
         stream: Batches | None = None
@@ -144,6 +146,7 @@ async def _try_model(
             stream = start_attempt(backend, request, route)
             first = await _first_batch(stream, dep, request.stream)
         except UpstreamError as exc:
+            exc.redact(backend.secrets)
             router.release(dep)
             if exc.retryable:
                 router.failed(dep, probe)
