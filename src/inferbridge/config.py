@@ -192,7 +192,7 @@ class ServerConfig(BaseModel):
     """Log prompts and completions (off by default: they are private)."""
     max_fanout: int = Field(default=16, ge=1)
     """Choices one request may ask for at most: `n` times the number of prompts."""
-    limit_concurrency: int | None = Field(default=1000, ge=1)
+    limit_concurrency: int | None = Field(default=2048, ge=1)
     """Connections and requests served at once; past it uvicorn answers 503."""
     timeout_keep_alive: float = Field(default=5.0, gt=0)
     """Seconds an idle keep-alive connection stays open."""
