@@ -78,13 +78,18 @@ class ToolCallDelta:
 
 
 class Finish:
-    """Choice `index` is complete, for `reason` (normalized vocabulary, see module doc)."""
+    """Choice `index` is complete, for `reason` (normalized vocabulary, see module doc).
 
-    __slots__ = ("index", "reason")
+    `stop_sequence`: the stop string that ended the choice, when the backend says which
+    (`""` when it says a stop string did but not which; None when it says nothing).
+    """
 
-    def __init__(self, reason: str, index: int = 0) -> None:
+    __slots__ = ("index", "reason", "stop_sequence")
+
+    def __init__(self, reason: str, index: int = 0, stop_sequence: str | None = None) -> None:
         self.reason = reason
         self.index = index
+        self.stop_sequence = stop_sequence
 
     def __repr__(self) -> str:
         return f"Finish({self.reason!r}, index={self.index})"

@@ -2,8 +2,9 @@
 
 The reply is the last user message (chat) or the prompt (completions), one word per token.
 It honours `max_tokens` (counted in words: finish_reason "length"), stop strings (finish
-"stop"), and reports usage (words in the prompt side, words generated). `delay:` in the
-entry adds that many seconds before each token, to watch streaming by eye or in tests.
+"stop", saying which one), and reports usage (words in the prompt side, words generated).
+`delay:` in the entry adds that many seconds before each token, to watch streaming by eye
+or in tests.
 
 Embeddings (echo serves both by default): a deterministic unit vector per input, derived
 from a hash of its text (or token ids), of 16 dimensions or the request's `dimensions` (a
@@ -38,6 +39,12 @@ class EchoSettings(DeploymentConfig):
 
 def _words(text: str) -> list[str]:
     return text.split()
+
+
+def matched_stop(text: str, stops: list[str]) -> str | None:
+    """The stop string that ended `text`: of those it contains, the first one to complete."""
+    found = [s for s in stops if s in text]
+    return min(found, key=lambda s: text.find(s) + len(s)) if found else None
 
 
 ECHO_DIMENSIONS = 16
@@ -128,12 +135,14 @@ class EchoBackend(Backend):
         rest = cutter.flush()
         if rest:
             batch.append(TextDelta(rest))
+        matched = None
         if cutter.stopped:
             reason = "stop"
+            matched = matched_stop(" ".join(words[:produced]), cutter.stops)
         elif limit is not None and produced >= limit and produced < len(words):
             reason = "length"
         else:
             reason = "stop"
-        batch.append(Finish(reason))
+        batch.append(Finish(reason, stop_sequence=matched))
         batch.append(Usage(prompt_tokens, produced))
         yield batch

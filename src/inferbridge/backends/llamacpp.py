@@ -125,6 +125,12 @@ def finish_reason(result: dict[str, Any]) -> str:
     return "length" if result.get("truncated") else "stop"
 
 
+def stopping_word(result: dict[str, Any]) -> str | None:
+    """The stop string that ended a final result (`stopping_word`, empty unless one did)."""
+    word = result.get("stopping_word")
+    return word if isinstance(word, str) and word else None
+
+
 def usage_of(result: dict[str, Any]) -> Usage | None:
     """Token counts of a final result: `tokens_evaluated` / `tokens_predicted`, else `timings`."""
     timings = result.get("timings") if isinstance(result.get("timings"), dict) else {}
@@ -221,7 +227,7 @@ class _ResultReader:
             out.append(TextDelta(text, 0, logprobs))
         if final or obj.get("stop"):
             self.done = True
-            out.append(Finish(finish_reason(obj)))
+            out.append(Finish(finish_reason(obj), stop_sequence=stopping_word(obj)))
             usage = usage_of(obj)
             if usage is not None:
                 out.append(usage)

@@ -91,6 +91,16 @@ def _tool_call_events(calls: list[dict[str, Any]], index: int, out: list[Event])
         )
 
 
+def matched_stop(choice: dict[str, Any], reason: str | None) -> str | None:
+    """The stop string that ended a choice, when the server says: vLLM's `stop_reason` (a
+    stop string; a token id is not one), `""` for TGI's `finish_reason: "stop_sequence"`
+    (a stop string did, not which)."""
+    matched = choice.get("stop_reason")
+    if isinstance(matched, str) and matched:
+        return matched
+    return "" if reason == "stop_sequence" else None
+
+
 def _events(data: dict[str, Any], chat: bool, whole: bool) -> list[Event]:
     """Events of one OpenAI object: a stream chunk (`delta`s, finish only when given) or a
     whole response (`message`s, every choice finished)."""
@@ -114,7 +124,7 @@ def _events(data: dict[str, Any], chat: bool, whole: bool) -> list[Event]:
             _tool_call_events(calls, index, out)
         reason = choice.get("finish_reason")
         if reason or whole:
-            out.append(Finish(normalize_finish(reason), index))
+            out.append(Finish(normalize_finish(reason), index, matched_stop(choice, reason)))
     usage = data.get("usage")
     if usage:
         out.append(usage_event(usage))
