@@ -431,6 +431,17 @@ class LlamaCppBackend(Backend):
             async for batch in self.http.events(resp, parser):
                 yield batch
 
+    async def count_tokens(self, request: InferenceRequest) -> int | None:
+        """The prompt's token count from `POST /tokenize`: the chat rendered as `stream`
+        would send it, with the special tokens /completion adds (BOS)."""
+        prompt, _ = await self.prompt(request)
+        if isinstance(prompt, list):
+            return len(prompt)
+        async with self.http.post("/tokenize", {"content": prompt, "add_special": True}) as resp:
+            data = await self.http.read_json(resp)
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        return len(tokens) if isinstance(tokens, list) else None
+
     # -- embeddings -----------------------------------------------------------------------
     async def embed(self, request: InferenceRequest) -> Embeddings:
         inputs = request.input or []

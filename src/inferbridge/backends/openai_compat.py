@@ -254,6 +254,25 @@ class OpenAICompatBackend(Backend):
     def health_path(self) -> str:
         return "/models"
 
+    async def count_tokens(self, request: InferenceRequest) -> int | None:
+        """vLLM only: the chat's token count from `POST /tokenize` (at the server's root),
+        rendered with the model's chat template and its generation prompt."""
+        if self.config.backend != "vllm":
+            return None
+        root = self.base_url().rstrip("/")
+        root = root.removesuffix("/v1")
+        body: dict[str, Any] = {
+            "model": self.config.target_model,
+            "messages": request.messages or [],
+            "add_generation_prompt": True,
+        }
+        if request.params.get("tools"):
+            body["tools"] = request.params["tools"]
+        async with self.http.post(root + "/tokenize", body) as resp:
+            data = await self.http.read_json(resp)
+        count = data.get("count") if isinstance(data, dict) else None
+        return count if isinstance(count, int) else None
+
     async def list_models(self) -> list[str]:
         """The model ids the upstream lists (`GET {url}/models`)."""
         async with self.http.request("GET", self.health_path()) as resp:
