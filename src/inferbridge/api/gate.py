@@ -2,7 +2,8 @@
 
 `RequestGate` runs on the headers, before any body is read:
 - their total size (`server.max_header_bytes`, 431);
-- the API key (401 as soon as the headers are in, so a client without a key cannot make
+- the API key, as `Authorization: Bearer KEY`, `api-key` (Azure's clients) or `x-api-key`
+  (Anthropic's) (401 as soon as the headers are in, so a client without a key cannot make
   the server buffer a body);
 - for POST requests: the content type must be JSON (415), and a
   declared `content-length` must be within `server.max_body_bytes` (413).
@@ -10,7 +11,8 @@ Then it reads the body itself, bounded in size (413) and in time (`server.body_t
 408), and hands the route the whole body.
 
 Health, metrics and the API documentation are public; every other path needs the key
-when keys are configured. Errors use the OpenAI envelope.
+when keys are configured. Errors use the OpenAI envelope, or Anthropic's on the Anthropic
+routes (`/v1/messages*`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferbridge import ids
+from inferbridge.api.anthropic.errors import error_body as anthropic_error_body
+from inferbridge.api.anthropic.errors import is_anthropic_path
 from inferbridge.errors import InferbridgeError, PayloadTooLarge
 from inferbridge.gateway import Gateway
 
@@ -65,11 +69,12 @@ def request_id_of(headers: Headers) -> str:
 
 
 async def send_error(
-    send: Send, exc: InferbridgeError, request_id: str, *, close: bool = False
+    send: Send, exc: InferbridgeError, request_id: str, *, close: bool = False, path: str = ""
 ) -> None:
-    """`exc` as the whole answer; `close`: the connection is closed after it (a body that
-    was refused unread, or too slow, is not read on)."""
-    body = exc.body()
+    """`exc` as the whole answer, in the envelope of the API `path` belongs to; `close`:
+    the connection is closed after it (a body that was refused unread, or too slow, is not
+    read on)."""
+    body = anthropic_error_body(exc) if is_anthropic_path(path) else exc.body()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -106,13 +111,15 @@ class RequestGate:
                 f"The request headers are larger than the limit of {self.max_headers} "
                 "bytes (server.max_header_bytes)."
             )
-            await send_error(send, too_large, request_id, close=True)
+            await send_error(send, too_large, request_id, close=True, path=scope["path"])
             return
         if scope["path"] in self.public:
             await self.app(scope, receive, send)
             return
         try:
-            self.gateway.authenticate(headers.get("authorization"), headers.get("api-key"))
+            self.gateway.authenticate(
+                headers.get("authorization"), headers.get("api-key") or headers.get("x-api-key")
+            )
             if scope["method"] in BODY_METHODS:
                 body = await self.read_body(headers, receive)
             else:
@@ -122,7 +129,7 @@ class RequestGate:
         except InferbridgeError as exc:
             self.gateway.observability.rejected(exc.status)
             close = isinstance(exc, PayloadTooLarge | RequestTimeout)
-            await send_error(send, exc, request_id, close=close)
+            await send_error(send, exc, request_id, close=close, path=scope["path"])
             return
         if body is not None:
             receive = _replay(body, receive)

@@ -15,6 +15,7 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
+from inferbridge.api.anthropic.routes import router as anthropic
 from inferbridge.api.embeddings import include_embeddings
 from inferbridge.api.protocol import ChatCompletionRequest, CompletionRequest
 from inferbridge.api.responses_api import include_responses_api
@@ -122,6 +123,7 @@ def include_routes(app: FastAPI) -> None:
     app.include_router(openai, prefix="/v1")
     app.include_router(openai, include_in_schema=False)
     app.include_router(health)
+    app.include_router(anthropic)
     include_embeddings(app)
     include_responses_api(app)
     app.state.started = int(time.time())
