@@ -1,11 +1,12 @@
 # inferbridge: slim image, non-root, config mounted at /etc/inferbridge/config.yaml
-FROM python:3.11-slim AS build
+# Pinned by version: a rebuild gets the same Python (PGO + LTO build, as the official images are).
+FROM python:3.11.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
 RUN pip install --no-cache-dir --prefix=/install '.[all]'
 
-FROM python:3.11-slim
+FROM python:3.11.11-slim-bookworm
 COPY --from=build /install /usr/local
 RUN useradd --system --uid 10001 --no-create-home inferbridge \
     && mkdir -p /etc/inferbridge

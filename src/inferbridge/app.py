@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from inferbridge import __version__
@@ -110,7 +111,7 @@ def create_app(config: Config | None = None) -> FastAPI:
             finally:
                 gateway.observability.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their assets served by the app, no CDN
         title="inferbridge",
         version=__version__,
         description="OpenAI-compatible API in front of self-hosted and hosted LLM backends.",

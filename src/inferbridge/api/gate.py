@@ -29,8 +29,18 @@ from inferbridge.errors import InferbridgeError, PayloadTooLarge
 from inferbridge.gateway import Gateway
 
 PUBLIC_PATHS = frozenset(
-    {"/health", "/health/readiness", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+    {
+        "/health",
+        "/health/readiness",
+        "/metrics",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+    }
 )
+DOCS_ASSETS = "/static-offline-docs/"
+"""Where the documentation pages' scripts and styles are served from (public too)."""
 """Paths served without a key (`/metrics` too, unless `server.metrics_auth`)."""
 BODY_METHODS = frozenset({"POST"})
 
@@ -113,7 +123,7 @@ class RequestGate:
             )
             await send_error(send, too_large, request_id, close=True, path=scope["path"])
             return
-        if scope["path"] in self.public:
+        if scope["path"] in self.public or scope["path"].startswith(DOCS_ASSETS):
             await self.app(scope, receive, send)
             return
         try:
