@@ -24,6 +24,7 @@ from inferbridge.events import Finish, TextDelta, ToolCallDelta, Usage
 from inferbridge.request import InferenceRequest
 from tests.fakes.llamacpp import FakeLlamaCpp
 from tests.fakes.openai_compat import FakeOpenAI
+from tests.fakes.tgi import FakeTGI
 
 KEY = "sk-test"
 USER = [{"role": "user", "content": "hello there world"}]
@@ -698,6 +699,38 @@ def test_count_tokens_through_llamacpp_tokenize(llama, llama_upstream):
     assert m.usage.input_tokens == count.input_tokens  # the prompt /completion was sent
     sent = [r for r in llama_upstream.requests if r.path == "/tokenize"][-1].json
     assert sent["add_special"] is True and sent["content"].startswith("<|im_start|>user")
+
+
+# -- TGI's native /generate with a chat template ----------------------------------------------
+class TokenizingTGI(FakeTGI):
+    """The TGI fake with `POST /tokenize` (one token per word, plus BOS, as it counts)."""
+
+    def routes(self) -> list[web.RouteDef]:
+        return [*super().routes(), web.post("/tokenize", self.tokenize)]
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        rec = await self.record(request)
+        words = ["<s>", *rec.json["inputs"].split()]
+        return web.json_response(
+            [{"id": i, "text": w, "start": 0, "stop": 0} for i, w in enumerate(words)]
+        )
+
+
+def test_tgi(serve):
+    with TokenizingTGI() as fake:
+        entry = {"backend": "tgi", "url": fake.url, "prompt_template": "chatml"}
+        srv = serve({"auth": {"api_keys": [KEY]}, "models": [{"name": "tgi", **entry}]})
+        c = client(srv)
+        kw: dict[str, Any] = {"model": "tgi", "max_tokens": 20, "messages": USER}
+        m = c.messages.create(**kw)
+        assert m.content[0].type == "text" and m.content[0].text
+        assert m.stop_reason in ("end_turn", "max_tokens")
+        with c.messages.stream(**kw) as stream:
+            same_message(stream.get_final_message(), m)
+        count = c.messages.count_tokens(model="tgi", messages=USER)
+        assert count.input_tokens == m.usage.input_tokens
+        sent = [r for r in fake.requests if r.path == "/tokenize"][-1].json
+        assert sent["inputs"].startswith("<|im_start|>user\nhello there world")
 
 
 # -- units ------------------------------------------------------------------------------------

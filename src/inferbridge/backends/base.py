@@ -98,8 +98,8 @@ class Backend:
     #   async def list_models(self) -> list[str]
     #   async def count_tokens(self, request) -> int | None
     #                                         a chat request's prompt tokens, counted by the
-    #                                         backend's tokenizer (llama.cpp and vLLM
-    #                                         /tokenize); None when it cannot say
+    #                                         backend's tokenizer (TGI, llama.cpp and
+    #                                         vLLM /tokenize); None when it cannot say
 
     async def probe(self) -> dict[str, Any]:
         """What the upstream says about itself, for `inferbridge check --probe`; raises an

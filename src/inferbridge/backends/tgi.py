@@ -441,6 +441,14 @@ class TGIBackend(Backend):
         self._info = None
         self._info_retry_at = 0.0
 
+    async def count_tokens(self, request: InferenceRequest) -> int | None:
+        """The prompt's token count from `POST /tokenize` (one entry per token): the prompt
+        rendered as `stream` sends it, tokenized as TGI does for generation."""
+        prompt, _ = self.prompts.build(request)
+        async with self.http.post("/tokenize", {"inputs": prompt}) as resp:
+            data = await self.http.read_json(resp)
+        return len(data) if isinstance(data, list) else None
+
     # -- generation -----------------------------------------------------------------------
     async def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
         prompt, stops = self.prompts.build(request)

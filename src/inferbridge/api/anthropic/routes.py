@@ -60,7 +60,7 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
 )
 async def count_tokens(body: CountTokensRequest, request: Request) -> Response:
     """`{"input_tokens": N}`: counted by the model's backend when it has a tokenizer
-    endpoint (llama.cpp, vLLM), estimated otherwise, which the header
+    endpoint (TGI, llama.cpp, vLLM), estimated otherwise, which the header
     `x-inferbridge-tokens-estimated: true` says."""
     gateway: Gateway = request.app.state.gateway
     inference = normalize("chat", to_chat(dict(body)))
