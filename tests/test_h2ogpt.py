@@ -452,5 +452,5 @@ def test_gradio_queue_full_is_a_503_and_app_errors_keep_the_message() -> None:
     with pytest.raises(UpstreamUnavailable) as busy:
         backend._job_failed(QueueError("Queue is full! Please try again."))
     assert busy.value.status == 503 and "h2ogpt" in busy.value.message
-    with pytest.raises(UpstreamError, match=r"model m at http://h:7860.*boom"):
+    with pytest.raises(UpstreamError, match=r"backend 'h2ogpt' \(m\).*boom"):
         backend._job_failed(AppError("boom"))
