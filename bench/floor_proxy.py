@@ -113,7 +113,8 @@ class ClientConnection(asyncio.Protocol):
 async def serve(routes: list[tuple[int, str]]) -> None:
     loop = asyncio.get_running_loop()
     for port, origin in routes:
-        client = aiohttp.ClientSession(origin)
+        # no connection limit, as nginx has none: 1,000 slow streams need 1,000 connections
+        client = aiohttp.ClientSession(origin, connector=aiohttp.TCPConnector(limit=0))
         await loop.create_server(lambda c=client: ClientConnection(c), HOST, port, backlog=2048)
     print(f"floor proxy ready: {routes}", flush=True)
     stop = asyncio.Event()

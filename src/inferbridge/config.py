@@ -80,7 +80,10 @@ class DeploymentConfig(BaseModel):
         description="Seconds without a byte from the upstream (for the head or the body).",
     )
     max_connections: int = Field(
-        default=100, ge=1, description="Connections open to each upstream origin at most."
+        default=1024,
+        ge=1,
+        description="Connections open to each upstream origin at most (a stream holds one "
+        "for its whole length).",
     )
     pool_timeout: float = Field(
         default=30.0, gt=0, description="Seconds a request may wait for a free connection."
