@@ -131,6 +131,15 @@ class UpstreamError(InferbridgeError):
         return cls(f"{backend} ended the stream before the answer was complete", backend=backend)
 
 
+class DeploymentMisconfigured(UpstreamError):
+    """502: this deployment cannot serve the request as it is configured (for example a
+    chat request to a raw-prompt backend with no chat template, configured or on the
+    server). Not the client's fault: like any upstream failure it is retried on the
+    model's other deployments. The message names the deployment and the setting to fix."""
+
+    code = "deployment_misconfigured"
+
+
 class UpstreamUnavailable(UpstreamError):
     """503: the backend says it is not ready or overloaded."""
 
