@@ -363,9 +363,11 @@ def test_sdk_completions_prompt_as_given(server, fake, stream):
     assert post.headers["Authorization"] == "Bearer tgi-key"
 
 
-def test_sdk_chat_without_template_is_400(server):
-    with pytest.raises(openai.BadRequestError, match="no chat template"):
-        server.openai().chat.completions.create(model="raw", messages=USER)
+def test_sdk_chat_without_template_uses_the_models_own(server, fake):
+    # no prompt_template: TGI applies the model's template (/chat_tokenize); more in
+    # tests/test_server_templates.py
+    server.openai().chat.completions.create(model="raw", messages=USER)
+    assert _sent(fake)[1]["inputs"] == "[INST] Say hello [/INST]"  # without TGI's own BOS
 
 
 def test_sdk_sampling_values_tgi_would_reject_are_accepted(server, fake):

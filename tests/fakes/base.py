@@ -155,7 +155,9 @@ class FakeServer:
 
     async def _serve(self) -> None:
         app = web.Application()
-        app.add_routes(self.routes())
+        # A subclass may redefine a route of its parent's: the last definition wins.
+        routes = {(r.method, r.path): r for r in self.routes()}
+        app.add_routes(list(routes.values()))
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

@@ -10,13 +10,22 @@ Speaks what TGI's router sends (docs/protocols/tgi.md, router/src/lib.rs and ser
 - `POST /`: the compat route the `text-generation` client uses (`"stream"` in the body picks
   SSE; the non-streamed answer is a one-element JSON array).
 - `GET /info`, `GET /health`.
+- `POST /tokenize` (a `GenerateRequest`; tokens `{"id", "text", "start", "stop"}`, the BOS the
+  tokenizer adds with an empty span at 0) and `POST /chat_tokenize` (a chat request ->
+  `{"tokenize_response": [...], "templated_text": ...}`): the model's `chat_template` rendered
+  like TGI's router does (minijinja: no trim_blocks; `bos_token`, `eos_token`,
+  `add_generation_prompt: true`; `raise_exception` -> 422 `template_error`), tokenized
+  without special tokens added. No template -> 422 "Template error: template not found";
+  `chat_tokenize_route = False` answers 404 with an empty body, like a TGI without the route.
 
 The "model" replies with `reply` (a list of tokens, see `tok`) followed by an EOS token, and
 honours `max_new_tokens` (finish "length") and `stop` (finish "stop_sequence", the stop
 string kept in the text like TGI) with TGI's own check order. Parameters are validated with
 TGI's rules and messages, so a test fails if inferbridge forwards a value TGI would reject.
 Knobs: `eos`, `prompt_tokens`, `error_event` (type/message after N tokens), `omit_final`,
-`info` / `info_status`, `prompt_header`, `stream_input_length`, and the base `Behaviour`
+`info` / `info_status`, `prompt_header`, `stream_input_length`, `chat_template` (None: the
+model has none), `bos_token` / `eos_token`, `adds_bos` (the tokenizer puts BOS before every
+input), `chat_tokenize_route`, and the base `Behaviour`
 (HTTP status errors, `split_every`, `drop_after_chunks`, delays).
 """
 
@@ -26,7 +35,9 @@ import json
 import re
 from typing import Any
 
+import jinja2
 from aiohttp import web
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tests.fakes.base import FakeServer
 
@@ -37,6 +48,27 @@ def tok(text: str, id: int = 0, logprob: float = -0.25, special: bool = False) -
 
 
 EOS = tok("</s>", id=2, logprob=-0.01, special=True)
+
+
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% else %}"
+    "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+"""The fake model's default chat template (Mistral-Instruct v0.1's shape)."""
+
+
+class _TemplateRaised(Exception):
+    pass
+
+
+def _raise(message: str) -> None:
+    raise _TemplateRaised(message)
+
+
+_ENV = ImmutableSandboxedEnvironment()  # minijinja's defaults: no trim_blocks/lstrip_blocks
+_ENV.globals["raise_exception"] = _raise
 
 
 def data(payload: Any) -> bytes:
@@ -89,6 +121,11 @@ class FakeTGI(FakeServer):
             "docker_label": None,
         }
         self.info_status = 200
+        self.chat_template: str | None = MISTRAL_TEMPLATE
+        self.bos_token = "<s>"
+        self.eos_token = "</s>"
+        self.adds_bos = True
+        self.chat_tokenize_route = True
 
     def reset(self) -> None:
         """Forget recorded requests and restore every knob (reply, errors, /info...)."""
@@ -100,8 +137,9 @@ class FakeTGI(FakeServer):
 
     @property
     def generations(self) -> list[Any]:
-        """Bodies of the generation requests received (not /info or /health)."""
-        return [r.json for r in self.requests if r.method == "POST"]
+        """Bodies of the generation requests received (not /info, /health, /tokenize...)."""
+        paths = ("/generate", "/generate_stream", "/")
+        return [r.json for r in self.requests if r.method == "POST" and r.path in paths]
 
     # -- routes -------------------------------------------------------------------------
     def routes(self) -> list[web.RouteDef]:
@@ -111,7 +149,68 @@ class FakeTGI(FakeServer):
             web.post("/", self._compat),
             web.get("/info", self._info),
             web.get("/health", self._health),
+            web.post("/tokenize", self._tokenize),
+            web.post("/chat_tokenize", self._chat_tokenize),
         ]
+
+    # -- tokenizer and chat template ---------------------------------------------------------
+    def tokens(self, text: str, *, add_special_tokens: bool) -> list[dict[str, Any]]:
+        """TGI `SimpleToken`s of `text`: special tokens whole, then runs of spaces, of other
+        characters, and single `<` / `[`; offsets in characters, `text` the span's text."""
+        specials = [self.bos_token, self.eos_token, "[INST]", "[/INST]"]
+        pattern = "|".join(re.escape(t) for t in specials if t) + r"|\s+|[^\s<\[]+|."
+        out = []
+        if add_special_tokens and self.adds_bos:
+            out.append({"id": 1, "text": "", "start": 0, "stop": 0})
+        for m in re.finditer(pattern, text, flags=re.S):
+            piece = m.group()
+            ident = specials.index(piece) + 1 if piece in specials else 1000 + len(piece)
+            out.append({"id": ident, "text": piece, "start": m.start(), "stop": m.end()})
+        return out
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
+        return _json(self.tokens(body["inputs"], add_special_tokens=True))
+
+    async def _chat_tokenize(self, request: web.Request) -> web.Response:
+        rec = await self.record(request)
+        if not self.chat_tokenize_route:
+            return web.Response(status=404)  # axum's answer to an unknown route
+        if self.behaviour.status != 200:
+            return self.error_response()
+        try:
+            body = json.loads(rec.body)
+            messages = [
+                {"role": m["role"], "content": _content(m["content"])} for m in body["messages"]
+            ]
+        except (ValueError, KeyError, TypeError) as exc:
+            return web.Response(
+                status=422,
+                text=f"Failed to deserialize the JSON body into the target type: {exc}",
+            )
+        if self.chat_template is None:
+            return _template_error("template not found")
+        try:
+            text = _ENV.from_string(self.chat_template).render(
+                messages=messages,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                add_generation_prompt=True,
+                tools=None,
+                guideline=None,
+            )
+        except _TemplateRaised as exc:
+            return _template_error(f"syntax error: {exc}")
+        except jinja2.TemplateError as exc:
+            return _template_error(str(exc))
+        return _json(
+            {
+                "tokenize_response": self.tokens(text, add_special_tokens=False),
+                "templated_text": text,
+            }
+        )
 
     async def _info(self, request: web.Request) -> web.Response:
         await self.record(request)
@@ -369,3 +468,24 @@ def _validation_error(exc: Invalid) -> web.Response:
     return web.json_response(
         {"error": f"Input validation error: {exc}", "error_type": "validation"}, status=422
     )
+
+
+def _content(content: Any) -> str:
+    """A message's content as TGI's `TextMessage` has it (text chunks joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            c["text"] if c["type"] == "text" else f"![]({c['image_url']['url']})" for c in content
+        )
+    raise TypeError("data did not match any variant of untagged enum MessageContent")
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    """JSON as axum's `Json` writes it (serde_json: compact, UTF-8 unescaped)."""
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _template_error(message: str) -> web.Response:
+    return _json({"error": f"Template error: {message}", "error_type": "template_error"}, 422)

@@ -8,6 +8,18 @@ reject with a 422 to what it means (temperature 0 -> greedy, top_p 1 -> no nucle
 and always asking for `details: true` (finish reason and token counts) and
 `return_full_text: false`.
 
+Without `prompt_template` / `chat_template_file` (and with `use_server_template`, the
+default) chats are rendered with the model's own template by TGI itself: `POST
+/chat_tokenize` answers `{"tokenize_response": [...], "templated_text": ...}` for a chat
+request (TGI publishes the template nowhere else, so this is one short call per chat
+request). TGI's chat path tokenizes that text without adding special tokens while
+/generate adds them, so the BOS the template wrote is cut off: the token TGI's tokenizer
+puts before every input is read once per deployment from `POST /tokenize` (a token with an
+empty span at 0), and dropped from the front of the templated text when its first token is
+that one. Start-up asks once: a TGI that answers "template not found" (or has no
+/chat_tokenize) stops start-up with a message naming the entry; a TGI that cannot be asked
+is asked again on the first chat request. See `prompting.check_server_template`.
+
 Stop strings: TGI accepts at most `/info.max_stop_sequences` of them (read once per
 deployment, 4 when /info is unavailable). What is sent is their covering set (a stop that
 contains another one is dropped: generation halts at the shorter one first), the client's
@@ -38,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from pydantic import Field
 
 from inferbridge.backends.base import Backend
 from inferbridge.backends.http import (
@@ -47,13 +60,23 @@ from inferbridge.backends.http import (
     load_json,
     status_error,
 )
-from inferbridge.backends.prompting import PromptBuilder, PromptSettings
+from inferbridge.backends.prompting import (
+    PROBE_MESSAGES,
+    STARTUP_CHECK_SECONDS,
+    PromptBuilder,
+    PromptSettings,
+    check_server_template,
+    cut_continuation,
+    no_template,
+    server_messages,
+)
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import InvalidRequest, UpstreamError, UpstreamRejected
 from inferbridge.events import Event, Finish, TextDelta, Usage, normalize_finish
 from inferbridge.request import InferenceRequest
 from inferbridge.stops import StopCutter, covering_stops
+from inferbridge.templates import merge_stops
 from inferbridge.usage import estimate_tokens
 
 log = logging.getLogger("inferbridge.tgi")
@@ -99,6 +122,11 @@ JSON_OBJECT_REGEX = _json_object(3)
 
 class TGISettings(PromptSettings):
     url: str  # type: ignore[assignment]  # required: TGI's base URL (no /v1)
+    use_server_template: bool = Field(
+        default=True,
+        description="Without prompt_template/chat_template_file, render chats with the "
+        "model's own template through TGI's POST /chat_tokenize.",
+    )
 
 
 @dataclass(frozen=True)
@@ -397,16 +425,30 @@ class TGIBackend(Backend):
     def __init__(self, config: DeploymentConfig) -> None:
         super().__init__(config)
         assert isinstance(config, TGISettings)
+        self.settings = config
         self.prompts = PromptBuilder(config, strip_bos=True)
         self.http = HttpUpstream.for_deployment(config, self.label, error_mapper=tgi_error)
         self._info: TGIInfo | None = None
         self._info_retry_at = 0.0
         self._info_lock: asyncio.Lock | None = None
         self._info_timeout = min(config.timeout, 10.0)
+        self._prefix_lock = asyncio.Lock()
+        self._prefix: int | None = None  # the token id TGI puts before every input (BOS)
+        self._prefix_known = False
+
+    @property
+    def uses_server_template(self) -> bool:
+        """Chats are rendered by TGI with the model's own template (no template in the entry)."""
+        return self.prompts.template is None and self.settings.use_server_template
 
     async def start(self) -> None:
         self._info_lock = asyncio.Lock()
         await self.http.start()
+        if self.uses_server_template:
+            await check_server_template(
+                self.label,
+                lambda: self.server_prompt(PROBE_MESSAGES, timeout=STARTUP_CHECK_SECONDS),
+            )
 
     async def close(self) -> None:
         await self.http.close()
@@ -415,6 +457,94 @@ class TGIBackend(Backend):
         """Raise an UpstreamError unless TGI's `/health` answers 200 (model loaded)."""
         async with self.http.request("GET", "/health", timeout=self._info_timeout):
             pass
+
+    async def probe(self) -> dict[str, Any]:
+        """`check --probe`: health, and where chat templates come from (the model's own,
+        rendered by TGI, is asked for)."""
+        found = await super().probe()
+        template = self.prompts.template
+        if template is not None:
+            found["template"] = template.name
+        elif not self.settings.use_server_template:
+            found["template"] = "none: set prompt_template (use_server_template is false)"
+        else:
+            try:
+                await self.server_prompt(PROBE_MESSAGES)
+            except UpstreamRejected as exc:
+                if exc.retryable:
+                    raise
+            found["template"] = "from server"
+        return found
+
+    # -- the model's own chat template, applied by TGI --------------------------------------
+    async def prompt(self, request: InferenceRequest) -> tuple[str, list[str]]:
+        """The `inputs` for `request` and the stop strings to enforce: a chat rendered with
+        the entry's template, or by TGI with the model's own; a completion's prompt as given."""
+        if request.kind == "chat" and self.uses_server_template:
+            return await self.server_prompt(request.messages or []), merge_stops((), request.stop)
+        return self.prompts.build(request)
+
+    async def server_prompt(self, messages: Any, *, timeout: float | None = None) -> str:
+        """`messages` rendered by TGI with the model's chat template (`POST /chat_tokenize`),
+        without the BOS /generate adds itself. Raises `DeploymentMisconfigured` when TGI has
+        no template (or no /chat_tokenize); a conversation the template refuses is TGI's 422,
+        a 400."""
+        msgs, marker = server_messages(messages)
+        body = {"model": "tgi", "messages": msgs}  # any other model is taken as a LoRA id
+        try:
+            async with self.http.post("/chat_tokenize", body, timeout=timeout) as resp:
+                data = await self.http.read_json(resp)
+        except UpstreamRejected as exc:
+            if exc.status == 404:
+                raise no_template(
+                    self.label,
+                    "TGI answered 404 to POST /chat_tokenize, which applies it: an older TGI "
+                    "without that route, or a model without a fast tokenizer",
+                ) from None
+            if "template not found" in exc.message.lower():
+                raise no_template(self.label, "TGI reports none for this model") from None
+            raise
+        text = data.get("templated_text") if isinstance(data, dict) else None
+        if not isinstance(text, str):
+            raise UpstreamError(
+                f"{self.label} sent an unexpected /chat_tokenize answer: {str(data)[:200]}",
+                backend=self.label,
+            )
+        tokens = data.get("tokenize_response")
+        first = tokens[0] if isinstance(tokens, list) and tokens else None
+        if isinstance(first, dict) and first.get("start") == 0:
+            prefix = await self.added_prefix(timeout=timeout)
+            piece = first.get("text")
+            if (
+                prefix is not None
+                and first.get("id") == prefix
+                and isinstance(piece, str)
+                and piece
+                and text.startswith(piece)
+            ):
+                text = text[len(piece) :]
+        return cut_continuation(text, marker, self.label)
+
+    async def added_prefix(self, *, timeout: float | None = None) -> int | None:
+        """The id of the special token TGI's tokenizer puts before every /generate input
+        (BOS), None when it adds none: read once per deployment from `POST /tokenize`, where
+        such a token has an empty span at 0."""
+        if self._prefix_known:
+            return self._prefix
+        async with self._prefix_lock:
+            if not self._prefix_known:
+                payload = {"inputs": "Hi"}
+                async with self.http.post("/tokenize", payload, timeout=timeout) as resp:
+                    data = await self.http.read_json(resp)
+                first = data[0] if isinstance(data, list) and data else None
+                added = (
+                    isinstance(first, dict)
+                    and first.get("start") == first.get("stop") == 0
+                    and isinstance(first.get("id"), int)
+                )
+                self._prefix = first["id"] if added else None  # type: ignore[index]
+                self._prefix_known = True
+        return self._prefix
 
     # -- /info ----------------------------------------------------------------------------
     async def info(self) -> TGIInfo:
@@ -451,7 +581,7 @@ class TGIBackend(Backend):
 
     # -- generation -----------------------------------------------------------------------
     async def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
-        prompt, stops = self.prompts.build(request)
+        prompt, stops = await self.prompt(request)
         if not prompt:
             param = "prompt" if request.kind == "completion" else "messages"
             raise InvalidRequest("TGI cannot generate from an empty prompt.", param=param)
