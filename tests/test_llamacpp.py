@@ -337,9 +337,10 @@ def test_chat_logprobs(proxy):
     assert content[0].bytes == list(b"Hello")
 
 
-def test_server_template_is_read_once_from_props(proxy, upstream):
+def test_server_template_is_read_once_from_props(serve, upstream):
     upstream.chat_template = "{{ bos_token }}[{{ messages[0]['content'] }}]{{ eos_token }}"
-    client = proxy.openai()
+    entry = {"name": "llama-props", "backend": "llamacpp", "url": upstream.url, "timeout": 5}
+    client = serve({"models": [entry]}).openai()  # reads /props at start-up
     for _ in range(2):
         client.chat.completions.create(model="llama-props", messages=MESSAGES)
     assert [r.path for r in upstream.requests].count("/props") == 1
@@ -348,9 +349,12 @@ def test_server_template_is_read_once_from_props(proxy, upstream):
     assert body["stop"] == ["</s>"]
 
 
-def test_without_any_template_chat_is_a_400(proxy):
-    with pytest.raises(openai.BadRequestError, match="no chat template"):
+def test_without_any_template_chat_is_a_502(proxy):
+    # the deployment's configuration, not the client's fault: retried elsewhere when the
+    # model has other deployments (tests/test_server_templates.py)
+    with pytest.raises(openai.InternalServerError, match="no chat template") as exc:
         proxy.openai().chat.completions.create(model="llama-notemplate", messages=MESSAGES)
+    assert exc.value.status_code == 502 and "llama-notemplate[0]" in exc.value.message
 
 
 def test_loading_server_is_a_503(proxy, upstream, serve):

@@ -1,7 +1,14 @@
 """A fake llama.cpp `llama-server` speaking its native API, byte for byte.
 
-Serves `POST /completion`, `GET /health` and `GET /props` as described in
-docs/protocols/llamacpp.md (and as llama-server writes them: compact JSON, raw UTF-8).
+Serves `POST /completion`, `GET /health`, `GET /props` and `POST /apply-template` as
+described in docs/protocols/llamacpp.md (and as llama-server writes them: compact JSON, raw
+UTF-8). `/props` reports `chat_template` (None: left out, like builds before it) with
+`bos_token`/`eos_token`; `/apply-template` renders `{"messages"}` with it into
+`{"prompt"}` as llama-server's chat layer does: a Jinja template with `trim_blocks` and
+`lstrip_blocks`, the leading BOS removed (the server adds it when tokenizing), a trailing
+assistant message appended to the rendering of the others (prefill); the built-in name
+"llama3" (given with `--chat-template llama3`) in llama.cpp's own format.
+`apply_template_route = False` answers 404 like builds before that endpoint.
 The generation is scripted with `tokens` (one string per token); the fake applies
 `n_predict` (stop_type `limit`), the request's `stop` list (`word`, the stop string left
 out of `content`) and otherwise ends with `eos`. Streams are `data: {...}\\n\\n` events,
@@ -30,7 +37,9 @@ import json
 import math
 from typing import Any
 
+import jinja2
 from aiohttp import web
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tests.fakes.base import FakeServer
 from tests.fakes.embeddings import fake_vector
@@ -50,6 +59,16 @@ CHATML = (
     "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+_ENV = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+
+def _raise(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+_ENV.globals["raise_exception"] = _raise
 
 
 def dumps(obj: Any) -> bytes:
@@ -93,6 +112,7 @@ class FakeLlamaCpp(FakeServer):
         self.eos_token = "</s>"
         self.embedding_dialect = "current"
         self.embeddings_enabled = True
+        self.apply_template_route = True
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -101,6 +121,7 @@ class FakeLlamaCpp(FakeServer):
             web.post("/embeddings", self.embedding),
             web.get("/health", self.health),
             web.get("/props", self.props),
+            web.post("/apply-template", self.apply_template),
         ]
 
     # -- endpoints -----------------------------------------------------------------------
@@ -132,6 +153,46 @@ class FakeLlamaCpp(FakeServer):
         if self.chat_template is not None:
             data["chat_template"] = self.chat_template
         return self._json(dumps(data))
+
+    async def apply_template(self, request: web.Request) -> web.Response:
+        rec = await self.record(request)
+        if not self.apply_template_route:
+            return self._json(error_body(404, "File Not Found"), 404)
+        if self.loading:
+            return self._loading()
+        messages = (rec.json or {}).get("messages")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+        ):
+            return self._json(error_body(400, "'messages' must be a list of messages"), 400)
+        prefill = ""
+        if messages and messages[-1].get("role") == "assistant":
+            *messages, last = messages
+            prefill = last["content"]
+        try:
+            prompt = self.render(messages) + prefill
+        except jinja2.TemplateError as exc:
+            return self._json(error_body(500, str(exc)), 500)
+        return self._json(dumps({"prompt": prompt}))
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        template = self.chat_template or ""
+        if template == "llama3":  # llama.cpp's built-in LLM_CHAT_TEMPLATE_LLAMA_3
+            turns = "".join(
+                f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+                f"{m['content'].strip()}<|eot_id|>"
+                for m in messages
+            )
+            return turns + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        if "{{" not in template and "{%" not in template:
+            raise jinja2.TemplateError(f"this custom template is not supported: {template}")
+        text = _ENV.from_string(template).render(
+            messages=messages,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            add_generation_prompt=True,
+        )
+        return text[len(self.bos_token) :] if text.startswith(self.bos_token) else text
 
     async def embedding(self, request: web.Request) -> web.Response:
         rec = await self.record(request)

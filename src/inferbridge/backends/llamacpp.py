@@ -2,10 +2,17 @@
 
 Chat requests are rendered into one prompt with the entry's chat template
 (`prompt_template` / `chat_template_file`), or, when neither is set and
-`use_server_template` is on, with the model's own template read once from `GET /props`
-(`chat_template`, `bos_token`, `eos_token`). A legacy completion's prompt (text or token
-ids) is sent as given. Stop strings are always sent as a JSON list (llama.cpp silently
-ignores a bare string) and enforced by the server, which leaves them out of `content`.
+`use_server_template` is on (the default), with the model's own template read once from
+`GET /props` (`chat_template`, `bos_token`, `eos_token`) and rendered here with the Jinja
+environment of Hugging Face chat templates. When that `chat_template` is not Jinja this
+renderer can use (a llama.cpp built-in name given with `--chat-template`, or syntax only
+llama.cpp's own engine takes), llama-server renders each chat itself: `POST
+/apply-template` -> `{"prompt"}`. Start-up looks the template up once: a server that
+answers but has none stops start-up with a message naming the entry; one that cannot be
+asked (down, loading) is asked again on the first chat request
+(`prompting.check_server_template`). A legacy completion's prompt (text or token ids) is
+sent as given. Stop strings are always sent as a JSON list (llama.cpp silently ignores a
+bare string) and enforced by the server, which leaves them out of `content`.
 
 Streams are SSE `data: {"content": ..., "stop": false}` events ending with one
 `"stop": true` event and no `[DONE]`. The finish reason comes from `stop_type`
@@ -27,6 +34,7 @@ tokens: usage is estimated.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,13 +44,24 @@ from pydantic import Field
 from inferbridge.backends.base import Backend
 from inferbridge.backends.embedding import float_vector, openai_embeddings
 from inferbridge.backends.http import HttpUpstream, ItemParser, error_message, status_error
-from inferbridge.backends.prompting import PromptBuilder, PromptSettings
+from inferbridge.backends.prompting import (
+    PROBE_MESSAGES,
+    STARTUP_CHECK_SECONDS,
+    PromptBuilder,
+    PromptSettings,
+    check_server_template,
+    cut_continuation,
+    no_template,
+    server_messages,
+)
 from inferbridge.decoders import NDJSONDecoder
 from inferbridge.errors import InvalidRequest, UpstreamError, UpstreamRejected, UpstreamUnavailable
 from inferbridge.events import Embeddings, Event, Finish, TextDelta, Usage
 from inferbridge.request import InferenceRequest
-from inferbridge.templates import ChatTemplate, TemplateError
+from inferbridge.templates import ChatTemplate, TemplateError, merge_stops
 from inferbridge.templates.renderer import compile_template
+
+log = logging.getLogger("inferbridge.llamacpp")
 
 
 class LlamaCppSettings(PromptSettings):
@@ -56,7 +75,7 @@ class LlamaCppSettings(PromptSettings):
     use_server_template: bool = Field(
         default=True,
         description="Without prompt_template/chat_template_file, render chats with the "
-        "template llama-server reports in GET /props.",
+        "model's own template, as llama-server reports it in GET /props.",
     )
 
 
@@ -159,6 +178,10 @@ def _context_exceeded(label: str, err: dict[str, Any]) -> UpstreamRejected | Non
     )
 
 
+class NoSuchEndpoint(UpstreamError):
+    """llama-server answered 404: a wrong `url`, or a build without that endpoint."""
+
+
 def llamacpp_error(label: str, status: int, body: bytes, headers: Any = None) -> UpstreamError:
     """HttpUpstream error mapper for llama-server's `{"error": {"code", "message", "type"}}`."""
     try:
@@ -169,7 +192,7 @@ def llamacpp_error(label: str, status: int, body: bytes, headers: Any = None) ->
     if isinstance(err, dict) and (mapped := _context_exceeded(label, err)):
         return mapped
     if status == 404:
-        return UpstreamError(
+        return NoSuchEndpoint(
             f"{label} has no such endpoint (HTTP 404: {error_message(body)}): "
             "is `url` the llama-server base URL?",
             backend=label,
@@ -282,6 +305,10 @@ class _ResultReader:
         }
 
 
+SERVER_NAME = "the model's own (GET /props)"
+"""The name of a chat template read from the server."""
+
+
 class LlamaCppBackend(Backend):
     Settings = LlamaCppSettings
     supported_params = frozenset(
@@ -309,12 +336,43 @@ class LlamaCppBackend(Backend):
         self.http = HttpUpstream.for_deployment(config, self.label, error_mapper=llamacpp_error)
         self.builder = PromptBuilder(config, strip_bos=True)  # /completion adds BOS itself
         self._template_lock = asyncio.Lock()
+        # Set when the server renders chats (/apply-template): its BOS and EOS strings.
+        self._server_tokens: tuple[str, str] | None = None
+
+    @property
+    def uses_server_template(self) -> bool:
+        """Chats are rendered with the model's own template (no template in the entry)."""
+        return (
+            self.builder.template is None
+            and self.settings.use_server_template
+            and self.serves("chat")
+        )
 
     async def start(self) -> None:
         await self.http.start()
+        if self.uses_server_template:
+            await check_server_template(
+                self.label, lambda: self.load_server_template(timeout=STARTUP_CHECK_SECONDS)
+            )
 
     async def close(self) -> None:
         await self.http.close()
+
+    async def probe(self) -> dict[str, Any]:
+        """`check --probe`: health, and where chat templates come from."""
+        found = await super().probe()
+        if not self.serves("chat"):
+            return found
+        template = self.builder.template
+        if template is not None and template.name != SERVER_NAME:
+            found["template"] = template.name
+        elif not self.settings.use_server_template:
+            found["template"] = "none: set prompt_template (use_server_template is false)"
+        else:
+            await self.load_server_template()
+            how = " (rendered by llama-server)" if self._server_tokens is not None else ""
+            found["template"] = "from server" + how
+        return found
 
     # -- readiness and the server's template ------------------------------------------------
     async def health(self) -> None:
@@ -323,61 +381,87 @@ class LlamaCppBackend(Backend):
         async with self.http.request("GET", "/health"):
             pass
 
-    async def load_server_template(self) -> ChatTemplate:
-        """Read the model's chat template from GET /props once, and use it from then on."""
+    async def load_server_template(self, *, timeout: float | None = None) -> None:
+        """Find out once how chats are rendered with the model's own template: the
+        `chat_template` of GET /props, rendered here, or (when it is not Jinja this renderer
+        compiles) llama-server's POST /apply-template for every chat. Raises
+        `DeploymentMisconfigured` when the server has no usable template."""
         async with self._template_lock:
-            if self.builder.template is not None:
-                return self.builder.template
+            if self.builder.template is not None or self._server_tokens is not None:
+                return
             try:
-                async with self.http.request("GET", "/props") as resp:
+                async with self.http.request("GET", "/props", timeout=timeout) as resp:
                     props = await self.http.read_json(resp)
             except UpstreamUnavailable:
                 raise
             except UpstreamError as exc:
                 raise UpstreamError(
-                    f"Cannot read the chat template from /props: {exc.message}. Set "
-                    "prompt_template or chat_template_file in the entry.",
+                    f"Cannot read the model's chat template from GET /props: {exc.message}",
                     backend=self.label,
                 ) from exc
-            source = props.get("chat_template") if isinstance(props, dict) else None
-            if not isinstance(source, str) or not source.strip():
-                raise InvalidRequest(
-                    f"{self.label} reports no chat template in /props: set prompt_template "
-                    "or chat_template_file in its entry, or use /v1/completions.",
-                    param="messages",
-                )
-            try:
-                compile_template(source)
-            except TemplateError as exc:
-                raise InvalidRequest(
-                    f"The chat template of {self.label} cannot be used ({exc}): set "
-                    "prompt_template or chat_template_file in its entry.",
-                    param="messages",
-                ) from None
+            props = props if isinstance(props, dict) else {}
+            source = props.get("chat_template")
             bos = props.get("bos_token") if isinstance(props.get("bos_token"), str) else ""
             eos = props.get("eos_token") if isinstance(props.get("eos_token"), str) else ""
-            template = ChatTemplate(
-                name=f"{self.settings.url}/props",
-                source=source,
-                bos_token=bos,
-                eos_token=eos,
-                stop=(eos,) if eos else (),
-                leading_bos=bool(bos),
+            if isinstance(source, str) and ("{{" in source or "{%" in source):
+                try:
+                    compile_template(source)
+                except TemplateError as exc:
+                    why = f"its chat template does not compile here ({exc.message})"
+                else:
+                    self.builder.template = ChatTemplate(
+                        name=SERVER_NAME,
+                        source=source,
+                        bos_token=bos,
+                        eos_token=eos,
+                        stop=(eos,) if eos else (),
+                        leading_bos=bool(bos),
+                    )
+                    return
+            elif isinstance(source, str) and source.strip():
+                why = f"its chat template is llama.cpp's built-in {source.strip()[:40]!r}"
+            else:
+                why = "GET /props reports none"
+            try:  # can the server render chats itself?
+                await self._apply_template(PROBE_MESSAGES, bos, timeout=timeout)
+            except NoSuchEndpoint:
+                raise no_template(
+                    self.label, f"{why}, and this llama-server has no POST /apply-template"
+                ) from None
+            except UpstreamRejected as exc:
+                if exc.retryable:
+                    raise
+            log.info("%s: %s; llama-server renders chats (/apply-template)", self.label, why)
+            self._server_tokens = (bos, eos)
+
+    async def _apply_template(
+        self, messages: Any, bos: str, *, timeout: float | None = None
+    ) -> str:
+        """`messages` rendered by llama-server (`POST /apply-template`), one leading BOS
+        removed (/completion adds it)."""
+        msgs, marker = server_messages(messages)
+        async with self.http.post("/apply-template", {"messages": msgs}, timeout=timeout) as resp:
+            data = await self.http.read_json(resp)
+        prompt = data.get("prompt") if isinstance(data, dict) else None
+        if not isinstance(prompt, str):
+            raise UpstreamError(
+                f"{self.label} sent an unexpected /apply-template answer: {str(data)[:200]}",
+                backend=self.label,
             )
-            self.builder.template = template
-            return template
+        prompt = cut_continuation(prompt, marker, self.label)
+        return prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt
 
     # -- request translation ----------------------------------------------------------------
     async def prompt(self, request: InferenceRequest) -> tuple[str | list[int], list[str]]:
         """The /completion `prompt` (text, or token ids as given) and the stop strings."""
         if request.kind == "completion" and isinstance(request.prompt, list):
             return request.prompt, list(request.stop)
-        if (
-            request.kind == "chat"
-            and self.builder.template is None
-            and self.settings.use_server_template
-        ):
+        if request.kind == "chat" and self.uses_server_template:
             await self.load_server_template()
+            if self._server_tokens is not None:
+                bos, eos = self._server_tokens
+                prompt = await self._apply_template(request.messages or [], bos)
+                return prompt, merge_stops((eos,) if eos else (), request.stop)
         return self.builder.build(request)
 
     def payload(
