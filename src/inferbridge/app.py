@@ -42,6 +42,7 @@ from inferbridge.api.serving import (
 from inferbridge.config import Config, load_config
 from inferbridge.errors import InferbridgeError
 from inferbridge.gateway import Gateway
+from inferbridge.logs import log_startup
 
 log = logging.getLogger("inferbridge")
 
@@ -97,12 +98,7 @@ def create_app(config: Config | None = None) -> FastAPI:
         gateway.observability.start()
         await gateway.start()
         settle_heap()
-        log.info(
-            "inferbridge %s serving models: %s; auth %s",
-            __version__,
-            ", ".join(gateway.router.models) or "(none)",
-            auth_state(gateway.config),
-        )
+        log_startup(gateway, __version__, auth_state(gateway.config))
         try:
             yield
         finally:

@@ -9,7 +9,6 @@ same file and overrides.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from typing import Any
 import orjson
 import yaml
 
-from inferbridge import __version__
+from inferbridge import __version__, logs
 from inferbridge.config import Config, ConfigError, load_config
 from inferbridge.inference_server import InferenceServerError, parse_inference_server
 
@@ -186,6 +185,13 @@ def printable(config: Config, overrides: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "serve":
+        return command(args)
+    with logs.held():  # warnings while the config loads, replayed in the configured format
+        return command(args)
+
+
+def command(args: argparse.Namespace) -> int:
     no_env = args.command == "check" and args.no_env
     try:
         overrides = _overrides(args)
@@ -210,16 +216,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(
-        level=server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_format = logs.resolve_format(server.log_format)
     if args.config:
         os.environ["INFERBRIDGE_CONFIG"] = os.path.abspath(args.config)
     os.environ["INFERBRIDGE_CLI_OVERRIDES"] = orjson.dumps(overrides).decode()
     if server.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several processes: /metrics aggregates them through a shared folder.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="inferbridge-metrics-")
-    uvicorn.run(
+    uvicorn_config = uvicorn.Config(
         "inferbridge.app:create_app",
         factory=True,
         host=server.host,
@@ -227,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         workers=server.workers,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         http="httptools",
+        # every process, workers included, configures logging from this (logs.py)
+        log_config=logs.logging_config(log_format, server.log_level),
         log_level=server.log_level,
         access_log=False,  # inferbridge writes its own JSON access log, off the loop
         proxy_headers=False,
@@ -235,4 +241,38 @@ def main(argv: list[str] | None = None) -> int:
         timeout_keep_alive=server.timeout_keep_alive,
         limit_concurrency=server.limit_concurrency,
     )
+    logs.replay()  # logging is configured now (uvicorn.Config did it)
+    return run_server(uvicorn_config)
+
+
+def run_server(config: Any) -> int:
+    """Bind the listening socket, then serve on it: in this process, or in `workers`
+    processes that share it. Binding first (as uvicorn does for several workers) means the
+    address is known, port 0 included, before any app starts: it is published in
+    `INFERBRIDGE_BOUND_ADDRESS` for the start-up line of each worker (`logs.log_startup`)."""
+    import inspect
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    sock = config.bind_socket()  # logs "Uvicorn running on ..."; exits 3 if it cannot bind
+    host, port = sock.getsockname()[:2]
+    os.environ[logs.BOUND_ADDRESS_ENV] = (
+        f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    )
+    server = uvicorn.Server(config)
+    try:
+        if config.workers > 1:
+            supervisor: dict[str, Any] = {"sockets": [sock]}
+            if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn < 0.36
+                supervisor["target"] = server.run
+            Multiprocess(config, **supervisor).run()
+        else:
+            server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    if config.workers == 1 and not server.started:
+        return 3  # uvicorn's STARTUP_FAILURE: the app's start-up failed
     return 0

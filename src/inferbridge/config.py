@@ -187,6 +187,9 @@ class ServerConfig(BaseModel):
     port: int = Field(default=5000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    log_format: Literal["json", "text"] | None = None
+    """Process logs on stderr: JSON lines or readable text (default: text when stderr is a
+    terminal, JSON otherwise). The access log is JSON lines either way."""
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     body_timeout: float = Field(default=30.0, gt=0)
     """Seconds a request body may take to arrive once its headers are in."""
@@ -350,10 +353,19 @@ def known_keys() -> set[str]:
 
 
 def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """`INFERBRIDGE_HOST`, `_PORT`, `_WORKERS`, `_LOG_LEVEL`, `_API_KEYS` (comma-separated)."""
+    """`INFERBRIDGE_HOST`, `_PORT`, `_WORKERS`, `_LOG_LEVEL`, `_LOG_FORMAT`, `_API_KEYS`
+    (comma-separated)."""
     env = os.environ if environ is None else environ
     server: dict[str, Any] = {}
-    for key in ("host", "port", "workers", "log_level", "max_body_bytes", "drain_timeout"):
+    for key in (
+        "host",
+        "port",
+        "workers",
+        "log_level",
+        "log_format",
+        "max_body_bytes",
+        "drain_timeout",
+    ):
         value = env.get(f"INFERBRIDGE_{key.upper()}")
         if value:
             server[key] = value
