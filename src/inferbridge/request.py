@@ -39,6 +39,10 @@ class InferenceRequest:
     """Parameters the adapter dropped instead of refusing (`drop_unsupported_params`)."""
     input: list[str] | list[list[int]] | None = None
     """Embeddings: the inputs, in order, each a text or a list of token ids."""
+    responses_body: dict[str, Any] | None = None
+    """A `/v1/responses` request: its Responses API body, for adapters that pass it through
+    to an upstream's own `/responses` (`responses_api: native`); the chat form above is what
+    every other adapter serves. Never changed: an adapter copies what it sends."""
 
     def copy(self) -> InferenceRequest:
         """A copy whose `params`, `extras` and `body` may be changed without touching this
@@ -56,6 +60,7 @@ class InferenceRequest:
             self.request_id,
             [],
             self.input,
+            self.responses_body,
         )
 
     @property

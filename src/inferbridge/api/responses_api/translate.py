@@ -18,6 +18,10 @@ the conversation of a stored earlier response, for `previous_response_id`) and h
     reasoning.effort        -> reasoning_effort
     top_logprobs            -> logprobs + top_logprobs
 
+The request also carries the Responses body itself (`ResponsesCall.native_body`, on
+`InferenceRequest.responses_body`) for entries that pass it through to an upstream's own
+`/v1/responses` (`responses_api: native`); every other adapter ignores it.
+
 Fields that are not Responses fields travel as chat extras (top_k, min_p...), except chat
 parameters with another meaning or name here (`messages`, `max_tokens`...): those are a
 400 that names the Responses field to use.
@@ -108,7 +112,34 @@ class ResponsesCall:
                 f"Previous response with id '{previous_id}' not found.",
                 param="previous_response_id",
             )
-        return normalize("chat", self.chat_body())
+        request = normalize("chat", self.chat_body())
+        request.responses_body = self.native_body()
+        return request
+
+    # -- the Responses body, for upstreams that serve /v1/responses themselves ----------------
+    def native_body(self) -> dict[str, Any]:
+        """What an upstream with its own `/v1/responses` gets (`responses_api: native`): the
+        client's body, but
+
+        - `previous_response_id` (an id of inferbridge's store, unknown upstream) spelled
+          out: `input` is the whole conversation, as the chat form has it;
+        - `store: false`: the conversation lives in inferbridge's store, not upstream's;
+        - `reasoning` items without `encrypted_content` left out (an upstream that stores
+          nothing cannot resolve them: OpenAI answers 404 for them);
+        - `include` asks for `message.output_text.logprobs` when `top_logprobs` is set, so
+          logprobs come back as on the chat path.
+
+        The adapter sets `model` and `stream` (and the entry's `params:`)."""
+        body = dict(self.body)
+        body.pop("previous_response_id", None)
+        body["store"] = False
+        if self.previous is not None or not isinstance(body.get("input"), str | None):
+            body["input"] = [item for item in self.items if not _unresolvable(item)]
+        if body.get("top_logprobs"):
+            include = list(body.get("include") or ())
+            if "message.output_text.logprobs" not in include:
+                body["include"] = [*include, "message.output_text.logprobs"]
+        return body
 
     # -- the chat body ------------------------------------------------------------------------
     def chat_body(self) -> dict[str, Any]:
@@ -198,6 +229,11 @@ class ResponsesCall:
         if not out:
             raise InvalidRequest("Missing required parameter: 'input'.", param="input")
         return out
+
+
+def _unresolvable(item: dict[str, Any]) -> bool:
+    """A reasoning item an upstream would have to look up by id (nothing to send inline)."""
+    return item.get("type") == "reasoning" and not item.get("encrypted_content")
 
 
 # -- items -> chat messages ---------------------------------------------------------------------
