@@ -105,6 +105,20 @@ class AzureBackend(OpenAICompatBackend):
         assert cfg.api_version is not None
         return path, {"api-version": cfg.api_version}
 
+    def responses_endpoint(self) -> tuple[str, dict[str, str] | None]:
+        """v1: `{url}/openai/v1/responses`; classic: `{url}/openai/responses?api-version=`
+        (the Responses API is not under the deployment's path)."""
+        cfg = self.azure
+        if cfg.v1:
+            return "/responses", None
+        assert cfg.api_version is not None
+        return f"{cfg.url.rstrip('/')}/openai/responses", {"api-version": cfg.api_version}
+
+    def responses_upstream_body(self, request: InferenceRequest) -> dict[str, Any]:
+        body = super().responses_upstream_body(request)
+        body["model"] = self.azure.deployment_name  # the deployment, in both URL forms
+        return body
+
     def upstream_body(self, request: InferenceRequest) -> dict[str, Any]:
         body = super().upstream_body(request)
         # v1: the model field selects the deployment; classic: the path does, and the

@@ -13,6 +13,13 @@ error objects, and error events in the middle of a stream.
 Other adapters for OpenAI-shaped services (Azure) subclass `OpenAICompatBackend` and
 override `endpoint` / `upstream_headers` instead of copying the stream handling.
 
+`/v1/responses` requests, with `responses_api: native`: the client's Responses body (see
+`ResponsesCall.native_body`: the stored conversation spelled out, `store: false`) goes to
+`POST {url}/responses` with `model` rewritten and the entry's `params:` in the Responses
+API's names; its answer (a `response` object or the typed event stream) is read by
+`backends.responses_events` into the same events as a chat answer. Without the setting,
+or for another adapter, such a request is the chat request it also carries.
+
 Embeddings (`mode: embeddings` or `both`): `POST {url}/embeddings` with the client's body
 (its extras too), `input` set to one batch and `encoding_format` left out, so the upstream
 answers floats (the OpenAI layer encodes base64 itself).
@@ -35,6 +42,7 @@ from inferbridge.backends.http import (
     load_json,
     status_error,
 )
+from inferbridge.backends.responses_events import ResponsesStreamParser, response_object_events
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import UpstreamError
@@ -51,6 +59,30 @@ from inferbridge.events import (
 )
 from inferbridge.request import InferenceRequest
 
+# The entry's `params:` on a native Responses request: a chat parameter goes in the
+# Responses API's name for it (a path into the body), or is left out when that API has
+# none (`stop`, `seed`, `n`...); a field that is no OpenAI parameter (`top_k`) goes as it is.
+RESPONSES_PARAMS: dict[str, tuple[str, ...]] = {
+    "max_tokens": ("max_output_tokens",),
+    "max_completion_tokens": ("max_output_tokens",),
+    "reasoning_effort": ("reasoning", "effort"),
+    "verbosity": ("text", "verbosity"),
+    **{
+        key: (key,)
+        for key in (
+            "temperature",
+            "top_p",
+            "top_logprobs",
+            "parallel_tool_calls",
+            "user",
+            "metadata",
+            "service_tier",
+            "safety_identifier",
+            "prompt_cache_key",
+        )
+    },
+}
+
 
 class OpenAICompatSettings(DeploymentConfig):
     url: str  # type: ignore[assignment]  # required: the base URL ending in /v1
@@ -61,6 +93,13 @@ class OpenAICompatSettings(DeploymentConfig):
         description="Adapt to a server's known deviations; 'tgi' (TGI's Messages API, the "
         "default when upstream_model is 'tgi'): top_p >= 1 is omitted, logit_bias is "
         "unsupported.",
+    )
+
+    responses_api: Literal["chat", "native"] = Field(
+        default="chat",
+        description="How /v1/responses requests reach this upstream: 'chat' (translated "
+        "into a chat request, the default) or 'native' (passed through to the upstream's "
+        "own POST {url}/responses).",
     )
 
 
@@ -195,6 +234,8 @@ class OpenAICompatBackend(Backend):
         self.tgi_quirks = quirks == "tgi" or (quirks is None and config.upstream_model == "tgi")
         if self.tgi_quirks:  # TGI types logit_bias as a list: an OpenAI map gets a 422
             self.supported_params = OPENAI_PARAMS - {"logit_bias"}  # type: ignore[misc]
+        self.native_responses = getattr(config, "responses_api", "chat") == "native"
+        """`/v1/responses` requests go to the upstream's own `/responses`."""
         self.http = HttpUpstream.for_deployment(
             config, self.label, base_url=self.base_url(), headers=self.upstream_headers()
         )
@@ -238,6 +279,58 @@ class OpenAICompatBackend(Backend):
         else:
             body["stream"] = False
         return body
+
+    # -- the Responses API, passed through (`responses_api: native`) -------------------------
+    def responses_endpoint(self) -> tuple[str, dict[str, str] | None]:
+        """The path (and query) of the upstream's Responses API."""
+        return "/responses", None
+
+    def responses_upstream_body(self, request: InferenceRequest) -> dict[str, Any]:
+        """The client's Responses body (as the route prepared it, see
+        `ResponsesCall.native_body`) with `model` rewritten, the entry's `params:` where
+        the client set nothing (in the Responses API's names, see RESPONSES_PARAMS) and
+        `stream` as the client asked."""
+        body = dict(request.responses_body or {})
+        body["model"] = self.config.target_model
+        for key, value in self.config.params.items():
+            path = RESPONSES_PARAMS.get(key) if key in OPENAI_PARAMS else (key,)
+            if path is None:
+                continue
+            *parents, last = path
+            target = body
+            for name in parents:
+                child = dict(target.get(name) or {})
+                target[name] = child
+                target = child
+            if target.get(last) is None:
+                target[last] = value
+        body["stream"] = request.stream
+        if not request.stream:
+            body.pop("stream_options", None)
+        return body
+
+    async def responses_stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
+        """A `/v1/responses` request at `POST {url}/responses`: its JSON answer or typed
+        event stream as events (`backends.responses_events`)."""
+        path, query = self.responses_endpoint()
+        body = self.responses_upstream_body(request)
+        async with self.http.post(path, body, params=query) as resp:
+            if not request.stream:
+                data = await self.http.read_json(resp)
+                if not isinstance(data, dict) or not (
+                    data.get("object") == "response" or isinstance(data.get("output"), list)
+                ):
+                    self._raise_if_error(data)
+                    raise UpstreamError(
+                        f"{self.label} sent an answer that is not a response object: "
+                        f"{orjson.dumps(data)[:200]!r}",
+                        backend=self.label,
+                    )
+                yield response_object_events(data, self.label)
+                return
+            parser = ResponsesStreamParser(self.label, self._raise_if_error)
+            async for batch in self.http.events(resp, parser):
+                yield batch
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -283,6 +376,10 @@ class OpenAICompatBackend(Backend):
         return [m["id"] for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
     async def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
+        if self.native_responses and request.responses_body is not None:
+            async for batch in self.responses_stream(request):
+                yield batch
+            return
         chat = request.kind == "chat"
         path, query = self.endpoint(request)
         async with self.http.post(path, self.upstream_body(request), params=query) as resp:
