@@ -39,7 +39,9 @@ class Gateway:
         check_modes(self.router)
         self._keys = [key.encode() for key in config.auth.keys]
         self.observability = Observability(
-            log_prompts=config.server.log_prompts, access_log=config.server.access_log
+            log_prompts=config.server.log_prompts,
+            access_log=config.server.access_log,
+            router=self.router,
         )
         self.drain = Drain()
         interval = config.router.health_check_interval

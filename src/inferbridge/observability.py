@@ -36,13 +36,14 @@ import contextlib
 import glob
 import itertools
 import os
+import platform
 import queue
 import sys
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import CollectorRegistry, generate_latest
@@ -54,7 +55,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from inferbridge import __version__
+from inferbridge.errors import InferbridgeError, UpstreamError, UpstreamRejected
 from inferbridge.request import InferenceRequest, RouteInfo
+
+if TYPE_CHECKING:
+    from inferbridge.router import Router
 
 _now = time.perf_counter
 
@@ -65,6 +71,86 @@ DRAIN_DELAY = 0.02  # seconds a finished request waits for its metrics and acces
 DRAIN_MAX = 256  # finished requests kept at most before they are drained
 
 _instances = itertools.count()  # tells apart the files of several `Metrics` in one process
+
+# -- error codes: the one vocabulary of the `code`, `kind` and `error` labels and fields -----
+ERROR_CODES: dict[str, str] = {
+    "invalid_request": "400: the request is malformed (JSON, schema, values, choices)",
+    "unsupported_parameter": "400: a parameter the model's backend does not support",
+    "context_length_exceeded": "400: the prompt is longer than the model's context",
+    "chat_template_error": "400: the model's chat template refused the conversation",
+    "invalid_api_key": "401: missing or wrong API key",
+    "not_found": "404: unknown path or stored object",
+    "model_not_found": "404: unknown model",
+    "method_not_allowed": "405: wrong method for the path",
+    "request_timeout": "408: the body did not arrive within server.body_timeout",
+    "request_too_large": "413: body over server.max_body_bytes",
+    "unsupported_media_type": "415: a POST whose body is not JSON",
+    "headers_too_large": "431: headers over server.max_header_bytes",
+    "rate_limit_exceeded": "429: every deployment full (limits), or the upstream's 429",
+    "client_error": "another 4xx",
+    "client_disconnected": "the client left before the end (499 before the answer started)",
+    "upstream_rejected": "the upstream refused the request itself (its 4xx, relayed)",
+    "upstream_error": "502: the upstream failed, refused the connection or broke its protocol",
+    "upstream_unavailable": "503: the upstream is not ready, or every deployment cools down",
+    "upstream_timeout": "504: the upstream did not answer in time",
+    "internal_error": "500: a bug in inferbridge (logged with its traceback)",
+    "server_error": "another 5xx",
+}
+"""code -> meaning. Every `code` (`inferbridge_errors_total`), `kind`
+(`inferbridge_upstream_errors_total`) and access-log `error` is one of these."""
+
+_BY_STATUS = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limit_exceeded",
+    431: "headers_too_large",
+    499: "client_disconnected",
+    500: "internal_error",
+    502: "upstream_error",
+    503: "upstream_unavailable",
+    504: "upstream_timeout",
+}
+
+OUTCOMES = ("ok", "client_error", "upstream_error")
+"""The `outcome` label of the histograms: answered; refused or left by the client (4xx,
+the limits' 429, disconnects, a 4xx the upstream gave the request); failed upstream or in
+the server (5xx, the upstream's 429, a stream cut by its upstream)."""
+
+
+def code_for_status(status: int) -> str:
+    return _BY_STATUS.get(status) or ("client_error" if status < 500 else "server_error")
+
+
+def classify(
+    error: BaseException | None, status: int, disconnected: bool = False
+) -> tuple[str | None, str]:
+    """(error code from `ERROR_CODES` or None, outcome from `OUTCOMES`) of a request that
+    ended with `error` (or none), `status`, and whether its client left."""
+    if error is None:
+        if disconnected:
+            return "client_disconnected", "client_error"
+        if status < 400:
+            return None, "ok"
+        return code_for_status(status), "client_error" if status < 500 else "upstream_error"
+    code = getattr(error, "code", None)
+    if isinstance(error, UpstreamError) and (
+        error.retryable or not isinstance(error, UpstreamRejected)
+    ):  # the upstream failed (its 429 included), not the request
+        if code not in ERROR_CODES:
+            code = _BY_STATUS.get(error.status) if error.status >= 500 else None
+        return code or "upstream_error", "upstream_error"
+    if not isinstance(error, InferbridgeError):
+        return "internal_error", "upstream_error"
+    status = error.status
+    if code not in ERROR_CODES:
+        code = "upstream_rejected" if isinstance(error, UpstreamRejected) else None
+    return code or code_for_status(status), "client_error" if status < 500 else "upstream_error"
 
 
 def _ms(seconds: float) -> float:
@@ -101,6 +187,13 @@ ended (`perf_counter`)."""
 
 Labels = tuple[str, ...]
 
+Row = tuple[str, str, str, int, int]
+"""One deployment's gauges: model, deployment id, state, requests in flight, queued."""
+
+STATES = ("ok", "half_open", "cooling_down", "unhealthy")
+"""Deployment states (`routing.breaker`), from best to worst: with several processes a
+deployment shows the worst state any process sees."""
+
 
 class Family:
     """One metric: kind (`counter`, `gauge` or `histogram`), name (a counter's without the
@@ -136,6 +229,7 @@ class Metrics(Collector):
 
     def __init__(self, shared_dir: str | None = None) -> None:
         route = ("model", "deployment", "backend")
+        by_outcome = ("model", "deployment", "outcome")
         self.requests = Family(
             "counter",
             "inferbridge_requests",
@@ -146,21 +240,21 @@ class Metrics(Collector):
             "histogram",
             "inferbridge_request_duration_seconds",
             "Whole request duration",
-            ("model",),
+            by_outcome,
             LATENCY_BUCKETS,
         )
         self.ttft = Family(
             "histogram",
             "inferbridge_time_to_first_token_seconds",
             "Time until the first upstream batch",
-            ("model",),
+            by_outcome,
             LATENCY_BUCKETS,
         )
         self.overhead = Family(
             "histogram",
             "inferbridge_proxy_overhead_seconds",
             "Time spent in inferbridge, excluding the upstream",
-            ("model",),
+            by_outcome,
             OVERHEAD_BUCKETS,
         )
         self.tokens = Family(
@@ -173,7 +267,16 @@ class Metrics(Collector):
             "gauge", "inferbridge_requests_in_flight", "Requests being served", ("model",)
         )
         self.upstream_errors = Family(
-            "counter", "inferbridge_upstream_errors", "Upstream failures by kind", (*route, "kind")
+            "counter",
+            "inferbridge_upstream_errors",
+            "Failed requests that reached a deployment, by error code (kind)",
+            (*route, "kind"),
+        )
+        self.errors = Family(
+            "counter",
+            "inferbridge_errors",
+            "Requests that ended with an error, by model and error code",
+            ("model", "code"),
         )
         self.retries = Family(
             "counter", "inferbridge_retries", "Extra upstream attempts", ("model",)
@@ -209,6 +312,7 @@ class Metrics(Collector):
             self.fallbacks,
             self.rejected,
             self.disconnects,
+            self.errors,
         )
         self.counts: dict[tuple[Family, Labels], float] = {}
         self.observed: dict[tuple[Family, Labels], list[float]] = {}
@@ -220,6 +324,8 @@ class Metrics(Collector):
             else None
         )
         self._published = b""
+        self.deployment_rows: Callable[[], list[Row]] | None = None
+        """The router's gauges now, one row per deployment (set by `Observability`)."""
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -250,6 +356,7 @@ class Metrics(Collector):
                 "counts": [[f.name, labels, v] for (f, labels), v in self.counts.items()],
                 "observed": [[f.name, labels, e] for (f, labels), e in self.observed.items()],
                 "in_flight": self.in_flight,
+                "deployments": self.deployment_rows() if self.deployment_rows else [],
             }
         )
         if data == self._published:
@@ -263,12 +370,14 @@ class Metrics(Collector):
             return
         self._published = data
 
-    def _shared_totals(self, shared_dir: str) -> tuple[dict, dict, dict[str, int]]:
-        """`counts`, `observed` and `in_flight` summed over every process's published file."""
+    def _shared_totals(self, shared_dir: str) -> tuple[dict, dict, dict[str, int], list[Row]]:
+        """`counts`, `observed` and `in_flight` summed over every process's published file,
+        and the deployment gauges of the processes still running, merged (`merge_rows`)."""
         by_name = {f.name: f for f in self.families}
         counts: dict[tuple[Family, Labels], float] = {}
         observed: dict[tuple[Family, Labels], list[float]] = {}
         in_flight: dict[str, int] = {}
+        rows: list[Row] = []
         pattern = os.path.join(glob.escape(shared_dir), "inferbridge_*.json")
         for path in sorted(glob.glob(pattern)):
             try:
@@ -276,6 +385,8 @@ class Metrics(Collector):
                     published = orjson.loads(file.read())
             except (OSError, ValueError):
                 continue
+            if published.get("deployments") and _running(path):
+                rows.extend(tuple(row) for row in published["deployments"])
             for name, labels, value in published["counts"]:
                 family = by_name.get(name)
                 if family is not None:
@@ -294,15 +405,16 @@ class Metrics(Collector):
                         total[index] += value
             for model, value in published["in_flight"].items():
                 in_flight[model] = in_flight.get(model, 0) + value
-        return counts, observed, in_flight
+        return counts, observed, in_flight, merge_rows(rows)
 
     # -- export (prometheus_client custom collector) ---------------------------------------
     def collect(self) -> Iterable[Metric]:
         if self.shared_dir:
             self.publish()
-            counts, observed, in_flight = self._shared_totals(self.shared_dir)
+            counts, observed, in_flight, rows = self._shared_totals(self.shared_dir)
         else:
             counts, observed, in_flight = self.counts, self.observed, self.in_flight
+            rows = self.deployment_rows() if self.deployment_rows else []
         kinds = {
             "counter": CounterMetricFamily,
             "gauge": GaugeMetricFamily,
@@ -319,7 +431,136 @@ class Metrics(Collector):
         gauge = out[self.requests_in_flight]
         for model, value in in_flight.items():
             gauge.add_metric((model,), value)
-        return out.values()
+        return [*out.values(), *deployment_gauges(rows, self.deployment_rows is not None)]
+
+
+def _running(path: str) -> bool:
+    """Whether the process that wrote `path` (`inferbridge_<pid>_<n>.json`) still runs."""
+    try:
+        pid = int(os.path.basename(path).split("_")[1])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def merge_rows(rows: list[Row]) -> list[Row]:
+    """Rows of several processes as one row per deployment: in-flight and queued summed,
+    the worst state (`STATES`)."""
+    if not rows:
+        return rows
+    merged: dict[tuple[str, str], list[Any]] = {}
+    rank = {state: i for i, state in enumerate(STATES)}
+    for model, deployment, state, in_flight, queued in rows:
+        entry = merged.get((model, deployment))
+        if entry is None:
+            merged[(model, deployment)] = [state, in_flight, queued]
+            continue
+        if rank.get(state, 0) > rank.get(entry[0], 0):
+            entry[0] = state
+        entry[1] += in_flight
+        entry[2] += queued
+    return [(m, d, state, n, q) for (m, d), (state, n, q) in merged.items()]
+
+
+def deployment_gauges(rows: list[Row], with_router: bool) -> list[Metric]:
+    """`inferbridge_build_info`, and with a router: each deployment's state (one series per
+    state, 1 for the current one), requests in flight and queued."""
+    info = GaugeMetricFamily(
+        "inferbridge_build_info",
+        "inferbridge's version and the Python running it (always 1)",
+        labels=("version", "python"),
+    )
+    info.add_metric((__version__, platform.python_version()), 1)
+    if not with_router and not rows:
+        return [info]
+    labels = ("model", "deployment")
+    state = GaugeMetricFamily(
+        "inferbridge_deployment_state",
+        "1 for the deployment's current state (ok, half_open, cooling_down, unhealthy), else 0",
+        labels=(*labels, "state"),
+    )
+    in_flight = GaugeMetricFamily(
+        "inferbridge_deployment_in_flight",
+        "Requests holding a slot on the deployment now",
+        labels=labels,
+    )
+    queued = GaugeMetricFamily(
+        "inferbridge_deployment_queue_depth",
+        "Requests waiting for a slot on the deployment (its max_queue)",
+        labels=labels,
+    )
+    for model, deployment, current, n, q in rows:
+        for name in STATES:
+            state.add_metric((model, deployment, name), 1 if name == current else 0)
+        in_flight.add_metric((model, deployment), n)
+        queued.add_metric((model, deployment), q)
+    return [info, state, in_flight, queued]
+
+
+LOGGED = "access_logged"
+"""Key set in the ASGI scope's `state` when a generation route took the request's access-log
+line (and metrics) on itself (`api.serving`); other requests are logged by `AnswerWatch`."""
+
+
+def envelope_code(body: bytes | None) -> str | None:
+    """The `code` of an OpenAI error envelope (None for another body)."""
+    if not body:
+        return None
+    try:
+        error = orjson.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
+class AnswerWatch:
+    """The gate's view of a request that passed it: its status (and an error's body) seen
+    through its ASGI `send`. When the route did not log the request itself (`LOGGED`: the
+    generation routes do), `serve` logs it once the app is done: `/v1/models`, a body the
+    schema refused (400), an unknown path (404), token counts... Costs one call per
+    message sent."""
+
+    __slots__ = ("body", "observability", "request_id", "send", "started", "status")
+
+    def __init__(self, observability: Observability, send: Any, request_id: str) -> None:
+        self.observability = observability
+        self.send = send
+        self.request_id = request_id
+        self.started = _now()
+        self.status = 0
+        self.body: bytes | None = None
+
+    def __call__(self, message: dict[str, Any]) -> Any:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif self.body is None and self.status >= 400:
+            self.body = message.get("body", b"")
+        return self.send(message)
+
+    async def serve(self, app: Any, scope: dict[str, Any], receive: Any) -> None:
+        try:
+            await app(scope, receive, self)
+        except BaseException as exc:
+            gone = isinstance(exc, asyncio.CancelledError)
+            self._log(scope, self.status or (499 if gone else 500))
+            raise
+        self._log(scope, self.status or 500)
+
+    def _log(self, scope: dict[str, Any], status: int) -> None:
+        if scope["state"].get(LOGGED):
+            return
+        self.observability.answered(
+            status,
+            code=envelope_code(self.body) if status >= 400 else None,
+            path=scope["path"],
+            method=scope["method"],
+            request_id=self.request_id,
+            started=self.started,
+        )
 
 
 class AccessLogWriter:
@@ -377,13 +618,19 @@ class AccessLogWriter:
 
 
 class Observability:
-    """One per process: the metrics and the access log."""
+    """One per process: the metrics and the access log. With a `router`, `/metrics` also
+    shows each deployment's state, requests in flight and queued, read when it is scraped."""
 
-    def __init__(self, *, log_prompts: bool = False, access_log: bool = True) -> None:
+    def __init__(
+        self, *, log_prompts: bool = False, access_log: bool = True, router: Router | None = None
+    ) -> None:
         self.log_prompts = log_prompts
         shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.multiprocess = shared_dir is not None
         self.metrics = Metrics(shared_dir)
+        self.router = router
+        if router is not None:
+            self.metrics.deployment_rows = self.deployment_rows
         self.access = AccessLogWriter()
         self.access_enabled = access_log
         self._flusher: asyncio.TimerHandle | None = None
@@ -410,6 +657,7 @@ class Observability:
             self._flusher = None
         self.drain()
         self._loop = None
+        self.metrics.deployment_rows = None  # a stopped process has no deployment gauges
         self.metrics.publish()
         self.access.stop()
 
@@ -417,9 +665,90 @@ class Observability:
         self.drain()
         return generate_latest(self.metrics.registry)
 
+    def deployment_rows(self) -> list[Row]:
+        """The router's gauges now: each deployment's state, in-flight and queued counts."""
+        router = self.router
+        if router is None:
+            return []
+        now = router.clock()
+        state = router.breaker.state
+        in_flight = router.store.in_flight
+        return [
+            (group.name, d.id, state(d.id, now), in_flight(d.id), d.limit.queued)
+            for group in router.groups.values()
+            for d in group.deployments
+        ]
+
     # -- per request ------------------------------------------------------------------------
-    def rejected(self, status: int) -> None:
-        self.metrics.inc(self.metrics.rejected, (str(status),))
+    def rejected(
+        self,
+        status: int,
+        *,
+        code: str | None = None,
+        error: BaseException | None = None,
+        path: str | None = None,
+        method: str | None = None,
+        request_id: str | None = None,
+        model: str | None = None,
+        started: float | None = None,
+    ) -> None:
+        """A request answered with an error before it reached a backend (gate, schema,
+        unknown model or path...): counted, and one access-log line with what is known.
+        `code` is taken when it is in `ERROR_CODES`, else derived from `error` or `status`;
+        `started` is its `perf_counter()` arrival."""
+        m = self.metrics
+        if code not in ERROR_CODES:
+            code = classify(error, status)[0] if error is not None else code_for_status(status)
+        m.inc(m.rejected, (str(status),))
+        m.inc(m.errors, (model or "", code))
+        if self.access_enabled:
+            self._line(status, code, path, method, request_id, model, started)
+
+    def answered(
+        self,
+        status: int,
+        *,
+        code: str | None = None,
+        path: str | None = None,
+        method: str | None = None,
+        request_id: str | None = None,
+        started: float | None = None,
+    ) -> None:
+        """A request that is not a generation (`GET /v1/models`...), whatever its status:
+        an access-log line; an error status is a rejection (`rejected`)."""
+        if status >= 400:
+            self.rejected(
+                status,
+                code=code,
+                path=path,
+                method=method,
+                request_id=request_id,
+                started=started,
+            )
+        elif self.access_enabled:
+            self._line(status, None, path, method, request_id, None, started)
+
+    def _line(
+        self,
+        status: int,
+        code: str | None,
+        path: str | None,
+        method: str | None,
+        request_id: str | None,
+        model: str | None,
+        started: float | None,
+    ) -> None:
+        line = {
+            "ts": int(time.time() * 1000) / 1000,
+            "request_id": request_id,
+            "method": method,
+            "path": path,
+            "model": model,
+            "status": status,
+            "latency_ms": _ms(_now() - started) if started is not None else None,
+            "error": code,
+        }
+        self.access.write(orjson.dumps(line))
 
     def started(self, model: str) -> None:
         in_flight = self.metrics.in_flight
@@ -464,20 +793,26 @@ class Observability:
         for request, route, timer, usage, error, completion, end in finished:
             model = request.model
             by_model = (model,)
-            status = timer.status or 0
-            inc(m.requests, (model, route.deployment, route.backend, str(status)))
-            observe(m.latency, by_model, end - timer.start)
+            deployment = route.deployment
+            status = timer.status or (499 if timer.disconnected else 0)
+            if error is None and not timer.disconnected and status < 400:
+                kind, outcome = None, "ok"
+            else:
+                kind, outcome = classify(error, status, timer.disconnected)
+                inc(m.errors, (model, kind))
+                if error is not None and deployment:
+                    inc(m.upstream_errors, (model, deployment, route.backend, kind))
+            inc(m.requests, (model, deployment, route.backend, str(status)))
+            by_outcome = (model, deployment, outcome)
+            observe(m.latency, by_outcome, end - timer.start)
             overhead = timer.overhead
-            observe(m.overhead, by_model, overhead)
+            observe(m.overhead, by_outcome, overhead)
             ttft = timer.first - timer.start if timer.first else None
             if ttft is not None:
-                observe(m.ttft, by_model, ttft)
+                observe(m.ttft, by_outcome, ttft)
             if usage:
                 inc(m.tokens, (model, "prompt"), usage.get("prompt_tokens", 0))
                 inc(m.tokens, (model, "completion"), usage.get("completion_tokens", 0))
-            kind = getattr(error, "code", None) or (type(error).__name__ if error else None)
-            if error is not None and route.deployment:
-                inc(m.upstream_errors, (model, route.deployment, route.backend, str(kind)))
             if route.attempts > 1:
                 inc(m.retries, by_model, route.attempts - 1)
             if route.fallback:
@@ -496,7 +831,7 @@ class Observability:
                 "backend": route.backend or None,
                 "attempts": route.attempts,
                 "stream": request.stream,
-                "status": timer.status,
+                "status": status,
                 "latency_ms": _ms(end - timer.start),
                 "ttft_ms": _ms(ttft) if ttft is not None else None,
                 "overhead_ms": _ms(overhead),

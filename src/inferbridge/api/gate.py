@@ -27,6 +27,7 @@ from inferbridge.api.anthropic.errors import error_body as anthropic_error_body
 from inferbridge.api.anthropic.errors import is_anthropic_path
 from inferbridge.errors import InferbridgeError, PayloadTooLarge
 from inferbridge.gateway import Gateway
+from inferbridge.observability import AnswerWatch
 
 PUBLIC_PATHS = frozenset(
     {
@@ -121,6 +122,7 @@ class RequestGate:
                 f"The request headers are larger than the limit of {self.max_headers} "
                 "bytes (server.max_header_bytes)."
             )
+            self.rejected(scope, request_id, too_large)
             await send_error(send, too_large, request_id, close=True, path=scope["path"])
             return
         if scope["path"] in self.public or scope["path"].startswith(DOCS_ASSETS):
@@ -135,15 +137,28 @@ class RequestGate:
             else:
                 body = None
         except _ClientLeft:
+            self.rejected(scope, request_id)
             return
         except InferbridgeError as exc:
-            self.gateway.observability.rejected(exc.status)
+            self.rejected(scope, request_id, exc)
             close = isinstance(exc, PayloadTooLarge | RequestTimeout)
             await send_error(send, exc, request_id, close=close, path=scope["path"])
             return
         if body is not None:
             receive = _replay(body, receive)
-        await self.app(scope, receive, send)
+        # an access-log line for a request no generation route logs (GET /v1/models...)
+        watch = AnswerWatch(self.gateway.observability, send, request_id)
+        await watch.serve(self.app, scope, receive)
+
+    def rejected(self, scope: Scope, request_id: str, exc: InferbridgeError | None = None) -> None:
+        """Count and log a request refused here (`exc`), or whose client left (499)."""
+        self.gateway.observability.rejected(
+            exc.status if exc is not None else 499,
+            error=exc,
+            path=scope["path"],
+            method=scope["method"],
+            request_id=request_id,
+        )
 
     async def read_body(self, headers: Headers, receive: Receive) -> bytes:
         if not is_json(headers.get("content-type")):

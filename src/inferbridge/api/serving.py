@@ -37,7 +37,7 @@ from inferbridge.api.responses import ResponseAssembler, StreamEncoder, error_ev
 from inferbridge.errors import InferbridgeError
 from inferbridge.events import Event, aclose
 from inferbridge.gateway import Gateway
-from inferbridge.observability import RequestTimer
+from inferbridge.observability import LOGGED, RequestTimer
 from inferbridge.request import InferenceRequest, Kind, RouteInfo
 
 log = logging.getLogger("inferbridge")
@@ -257,18 +257,30 @@ class CompletionService:
         dialect's renderer, streamed or whole."""
         timer = RequestTimer()
         request_id = request_id_of(http)
+        request: InferenceRequest | None = None
+        state = http.scope.setdefault("state", {})
         try:
             request = build()
             request.request_id = request_id
             route = RouteInfo()
             stream, choices = self.gateway.open_stream(request, route)
         except InferbridgeError as exc:
-            self.observe.rejected(exc.status)
+            state[LOGGED] = True  # logged here, not by the gate
+            self.observe.rejected(
+                exc.status,
+                error=exc,
+                path=http.scope["path"],
+                method=http.scope["method"],
+                request_id=request_id,
+                model=request.model if request is not None else None,
+                started=timer.start,
+            )
             return renderer.error_response(exc, request_id)
 
         timer.routed = _now()
         ex = Exchange(request, route, timer)
         render = renderer(request, choices, self.observe.log_prompts)
+        state[LOGGED] = True  # `_record` logs it, not the gate
         self.observe.started(request.model)
         streaming = False
         try:
