@@ -499,7 +499,8 @@ class TGIBackend(Backend):
                 raise no_template(
                     self.label,
                     "TGI answered 404 to POST /chat_tokenize, which applies it: an older TGI "
-                    "without that route, or a model without a fast tokenizer",
+                    "without that route, a model without a fast tokenizer, or a `url` that "
+                    "is not TGI's base URL",
                 ) from None
             if "template not found" in exc.message.lower():
                 raise no_template(self.label, "TGI reports none for this model") from None
