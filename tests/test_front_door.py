@@ -239,3 +239,20 @@ class TestCors:
             headers={"origin": origin, "access-control-request-method": "POST"},
             timeout=10,
         )
+
+
+def test_past_limit_concurrency_new_requests_are_refused_not_queued():
+    """Connections held open (half-open, or slow) count against server.limit_concurrency:
+    past it a request is answered 503 at once instead of piling up."""
+    config = {"server": {"limit_concurrency": 20}, "models": [{"name": "echo", "backend": "echo"}]}
+    with InferbridgeServer(config) as srv:
+        held = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(25)]
+        try:
+            time.sleep(0.2)
+            r = httpx.post(srv.url + "/v1/chat/completions", json=CHAT, timeout=5)
+            assert r.status_code == 503
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.2)
+        assert httpx.post(srv.url + "/v1/chat/completions", json=CHAT, timeout=5).status_code == 200
