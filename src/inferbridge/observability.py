@@ -79,6 +79,8 @@ ERROR_CODES: dict[str, str] = {
     "context_length_exceeded": "400: the prompt is longer than the model's context",
     "chat_template_error": "400: the model's chat template refused the conversation",
     "invalid_api_key": "401: missing or wrong API key",
+    "expired_api_key": "401: the key is past its expires_at",
+    "insufficient_permissions": "403: the key may not do this (GET /v1/usage without an admin key)",
     "not_found": "404: unknown path or stored object",
     "model_not_found": "404: unknown model",
     "method_not_allowed": "405: wrong method for the path",
@@ -91,9 +93,11 @@ ERROR_CODES: dict[str, str] = {
     "client_disconnected": "the client left before the end (499 before the answer started)",
     "upstream_rejected": "the upstream refused the request itself (its 4xx, relayed)",
     "upstream_error": "502: the upstream failed, refused the connection or broke its protocol",
+    "deployment_misconfigured": "502: the deployment cannot serve the request as configured",
     "upstream_unavailable": "503: the upstream is not ready, or every deployment cools down",
     "upstream_timeout": "504: the upstream did not answer in time",
     "internal_error": "500: a bug in inferbridge (logged with its traceback)",
+    "store_unavailable": "503: the shared state store did not answer (on_store_error: deny)",
     "server_error": "another 5xx",
 }
 """code -> meaning. Every `code` (`inferbridge_errors_total`), `kind`
@@ -102,6 +106,7 @@ ERROR_CODES: dict[str, str] = {
 _BY_STATUS = {
     400: "invalid_request",
     401: "invalid_api_key",
+    403: "insufficient_permissions",
     404: "not_found",
     405: "method_not_allowed",
     408: "request_timeout",
