@@ -40,9 +40,9 @@ PUBLIC_PATHS = frozenset(
         "/openapi.json",
     }
 )
+"""Paths served without a key (`/metrics` too, unless `server.metrics_auth`)."""
 DOCS_ASSETS = "/static-offline-docs/"
 """Where the documentation pages' scripts and styles are served from (public too)."""
-"""Paths served without a key (`/metrics` too, unless `server.metrics_auth`)."""
 BODY_METHODS = frozenset({"POST"})
 
 
