@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
@@ -225,14 +226,85 @@ class ServerConfig(BaseModel):
             return False
 
 
-class AuthConfig(BaseModel):
+class KeyConfig(BaseModel):
+    """One entry of `auth.keys`: a named key with its own models and limits
+    (docs/keys-and-limits.md). The secret is `key:` (`os.environ/NAME`, or a `sha256:<hex>`
+    digest) or `key_sha256:`; it is never shown in logs, metrics or messages."""
+
     model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100)
+    key: str | None = Field(default=None, min_length=1, repr=False)
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$", repr=False)
+    models: list[str] | None = None
+    """Models (or aliases) this key may use; the others answer 404. None: every model."""
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_parallel: int | None = Field(default=None, ge=1)
+    expires_at: datetime | None = None
+    """After it the key answers 401 (a time without a zone is UTC)."""
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"key '{self.name}': give exactly one of key and key_sha256")
+        return self
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.rpm or self.tpm or self.max_parallel)
+
+
+class StateConfig(BaseModel):
+    """`state:`: where limits, in-flight counts, cooldowns and usage live
+    (docs/keys-and-limits.md). `memory`: this process only; `redis`: shared by every
+    replica (Redis or Valkey)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: Literal["memory", "redis"] = "memory"
+    url: str | None = Field(default=None, repr=False)
+    """redis://[user:password@]host:port/db, rediss:// for TLS, unix:///path.sock."""
+    timeout: float = Field(default=0.05, gt=0, le=10)
+    """Seconds one store call may take, connecting included; past it on_store_error."""
+    on_store_error: Literal["allow", "deny"] = "allow"
+    prefix: str = Field(default="inferbridge", min_length=1)
+    """Prefix of every Redis key (several inferbridge deployments may share one Redis)."""
+    lease_ttl: float = Field(default=10.0, ge=0.5, le=300)
+    """Seconds an in-flight count outlives a replica that died holding it."""
+    sync_interval: float = Field(default=0.25, gt=0, le=5)
+    """Seconds between two reads of the shared cooldowns and in-flight counts."""
+
+    @model_validator(mode="after")
+    def _url(self) -> StateConfig:
+        if self.store == "redis":
+            if not self.url:
+                raise ValueError("store: redis needs url: (redis://host:6379/0)")
+            if not self.url.startswith(("redis://", "rediss://", "unix://")):
+                raise ValueError("url: must start with redis://, rediss:// or unix://")
+        return self
+
+
+class AuthConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     enabled: bool = True
     """False only when meant: `INFERBRIDGE_AUTH=off` (the start-up line says so)."""
     api_keys: list[str] = Field(default_factory=list)
+    named_keys: list[KeyConfig] = Field(default_factory=list, alias="keys")
+    """`auth.keys`: named keys with models and limits (`keys` below is another thing)."""
+    admin_keys: list[str] = Field(default_factory=list)
+    """Keys that may read `GET /v1/usage` (and use the API without limits)."""
 
-    @field_validator("api_keys")
+    @field_validator("named_keys")
+    @classmethod
+    def _unique_names(cls, keys: list[KeyConfig]) -> list[KeyConfig]:
+        names = [k.name for k in keys]
+        for name in dict.fromkeys(n for n in names if names.count(n) > 1):
+            raise ValueError(f"two keys are named '{name}'")
+        return keys
+
+    @field_validator("api_keys", "admin_keys")
     @classmethod
     def _non_empty(cls, keys: list[str]) -> list[str]:
         for i, key in enumerate(keys):
@@ -245,8 +317,13 @@ class AuthConfig(BaseModel):
 
     @property
     def keys(self) -> list[str]:
-        """The keys in force: none when auth is turned off."""
+        """The plain `api_keys` in force: none when auth is turned off."""
         return self.api_keys if self.enabled else []
+
+    @property
+    def required(self) -> bool:
+        """Whether requests need a key: some key of any kind is configured and auth is on."""
+        return self.enabled and bool(self.api_keys or self.named_keys or self.admin_keys)
 
 
 Strategy = Literal["simple-shuffle", "least-busy", "latency-based"]
@@ -260,6 +337,10 @@ class ModelRouting(BaseModel):
     strategy: Strategy | None = None
     retries: int | None = Field(default=None, ge=0)
     fallbacks: list[str] = Field(default_factory=list)
+    rpm: int | None = Field(default=None, ge=1)
+    """Requests per minute for this model, all deployments and keys together."""
+    tpm: int | None = Field(default=None, ge=1)
+    """Tokens (prompt + completion) per minute for this model."""
 
 
 class RouterConfig(BaseModel):
@@ -301,6 +382,7 @@ class Config(BaseModel):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     model_aliases: dict[str, str] = Field(default_factory=dict)
     models: list[DeploymentConfig] = Field(default_factory=list)
     missing_env: list[str] = Field(default_factory=list, exclude=True)
@@ -340,6 +422,8 @@ def known_keys() -> set[str]:
         RouterConfig,
         ModelRouting,
         CorsConfig,
+        KeyConfig,
+        StateConfig,
     ]
     models += [settings_class(name) for name in BACKENDS]
     keys: set[str] = set()
@@ -527,5 +611,11 @@ def _routing_errors(config: Config, names: set[str]) -> list[str]:
             f"router.models.{name}.fallbacks: unknown model '{other}'"
             for other in routing.fallbacks
             if other not in known
+        )
+    for key in config.auth.named_keys:
+        errors.extend(
+            f"auth.keys ({key.name}).models: unknown model '{model}'"
+            for model in key.models or ()
+            if model not in known
         )
     return errors

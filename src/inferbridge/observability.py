@@ -318,6 +318,7 @@ class Metrics(Collector):
             self.rejected,
             self.disconnects,
             self.errors,
+            *self._limit_families(),
         )
         self.counts: dict[tuple[Family, Labels], float] = {}
         self.observed: dict[tuple[Family, Labels], list[float]] = {}
@@ -333,6 +334,47 @@ class Metrics(Collector):
         """The router's gauges now, one row per deployment (set by `Observability`)."""
         self.registry = CollectorRegistry()
         self.registry.register(self)
+
+    def _limit_families(self) -> tuple[Family, ...]:
+        """Keys, rate limits and the shared store (`quotas`, `shared.client`)."""
+        by_key = ("key", "model")
+        self.key_requests = Family(
+            "counter",
+            "inferbridge_key_requests",
+            "Requests by key name, model and HTTP status",
+            (*by_key, "status"),
+        )
+        self.key_tokens = Family(
+            "counter",
+            "inferbridge_key_tokens",
+            "Tokens by key name, model and kind",
+            (*by_key, "kind"),
+        )
+        self.rate_limited = Family(
+            "counter",
+            "inferbridge_rate_limited",
+            "429s of the key and model limits, by key name, model and limit (key_rpm...)",
+            (*by_key, "limit"),
+        )
+        self.ratelimit_remaining = Family(
+            "gauge",
+            "inferbridge_ratelimit_remaining",
+            "Requests or tokens left in a limit's window at its last check (one process)",
+            ("subject", "limit"),
+        )
+        self.store_errors = Family(
+            "counter",
+            "inferbridge_state_store_errors",
+            "Calls to the shared state store that failed or were skipped while it was down",
+            ("operation",),
+        )
+        return (
+            self.key_requests,
+            self.key_tokens,
+            self.rate_limited,
+            self.ratelimit_remaining,
+            self.store_errors,
+        )
 
     # -- counting (on the serving loop) ----------------------------------------------------
     def inc(self, family: Family, labels: Labels, amount: float = 1.0) -> None:
