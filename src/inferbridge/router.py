@@ -7,8 +7,9 @@ just ended (its half-open probe), then following the model's strategy (`strategi
 every usable deployment is full the request waits in a bounded queue, else gets a 429.
 
 The router holds no state of its own: in-flight counts, latency and failures live in a
-`StateStore` (`routing.state`). The attempt loop (retries, fallbacks, timeouts) is in
-`routing.attempts`.
+`StateStore` (`routing.state`); with a shared store (`inferbridge.shared.state`, several
+replicas) slots are taken on the store's server (`_acquire_shared`). The attempt loop
+(retries, fallbacks, timeouts) is in `routing.attempts`.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Router:
             fail_window=settings.fail_window, latency_window=settings.latency_window
         )
         self.clock = clock
+        self.shared: bool = getattr(self.store, "shared", False)
         self.breaker = Breaker(
             self.store, allowed_fails=settings.allowed_fails, cooldown=settings.cooldown
         )
@@ -150,6 +152,8 @@ class Router:
         `probe` is True when the request is the half-open probe of that deployment.
         Raises RateLimited when every deployment and every queue is full.
         """
+        if self.shared:
+            return await self._acquire_shared(group, pool)
         now = self.clock()
         breaker = self.breaker
         store = self.store
@@ -173,6 +177,43 @@ class Router:
                 d = free[0] if len(free) == 1 else group.strategy(free, self.store, now)
                 d.limit.take()
                 return d, False
+        queues = [d for d in pool if d.limit.can_queue()]
+        if not queues:
+            raise self.saturated(group)
+        low = min(d.limit.queued for d in queues)
+        d = random.choice([d for d in queues if d.limit.queued == low])
+        await d.limit.wait(group.name)
+        return d, False
+
+    async def _acquire_shared(
+        self, group: ModelGroup, pool: list[Deployment]
+    ) -> tuple[Deployment, bool]:
+        """`acquire` with a shared store: each slot is taken on the store's server (the
+        other replicas' requests count), trying deployments in the strategy's order."""
+        now = self.clock()
+        breaker = self.breaker
+        store = self.store
+        for d in pool:
+            if (
+                store.cooldown_until(d.id)
+                and breaker.state(d.id, now) == HALF_OPEN
+                and not d.limit.waiters
+                and store.claim_probe(d.id)
+            ):
+                try:
+                    taken = await d.limit.try_take()
+                except BaseException:
+                    breaker.abandon_probe(d.id)
+                    raise
+                if taken:
+                    return d, True
+                breaker.abandon_probe(d.id)
+        candidates = [d for d in pool if not d.limit.waiters]
+        while candidates:
+            d = candidates[0] if len(candidates) == 1 else group.strategy(candidates, store, now)
+            if await d.limit.try_take():
+                return d, False
+            candidates.remove(d)
         queues = [d for d in pool if d.limit.can_queue()]
         if not queues:
             raise self.saturated(group)

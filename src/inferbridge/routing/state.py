@@ -2,12 +2,16 @@
 
 The router never keeps this state itself; it asks a `StateStore`, keyed by deployment id
 (`"mistral[0]"`: the model name and the entry's position among that model's entries). One
-process uses `MemoryStateStore`. Several replicas behind a load balancer could share a store
-(Redis, say) without any change to the routing logic:
+process uses `MemoryStateStore`; replicas behind a load balancer share
+`inferbridge.shared.state.RedisStateStore` (`state: {store: redis}`) without any change to
+the routing logic:
 
-- the methods are synchronous and cheap because they run on every request: a shared store
-  would keep a local copy that it refreshes in the background (pub/sub or polling) and send
-  its writes asynchronously, accepting that replicas see each other's counts a little late;
+- the methods are synchronous and cheap because they run on every request: the shared
+  store keeps a local copy that it refreshes in the background and sends its writes
+  asynchronously, accepting that replicas see each other's failures and cooldowns a
+  little late (`state.sync_interval`);
+- the one exception is `try_begin`, which a shared store (`shared = True`) answers on the
+  server, atomically, so that `max_concurrent` holds across replicas;
 - times are passed in (`now`) rather than read, so a shared store can use wall-clock time
   while tests use a fake clock;
 - every write is a small atomic operation: a counter (`begin`/`end`), a sorted set of
@@ -33,6 +37,11 @@ class StateStore(Protocol):
         """A request on `key` ended (whatever the outcome)."""
 
     def in_flight(self, key: str) -> int: ...
+
+    async def try_begin(self, key: str, limit: int | None) -> bool:
+        """`begin` unless `limit` requests are in flight on `key` (None: no limit); the
+        router calls it instead of `begin` when the store is `shared`."""
+        ...
 
     # -- latency ------------------------------------------------------------------------------
     def add_latency(self, key: str, seconds: float, now: float) -> None:
@@ -114,6 +123,13 @@ class MemoryStateStore:
     def in_flight(self, key: str) -> int:
         slot = self._slots.get(key)
         return slot.in_flight if slot is not None else 0
+
+    async def try_begin(self, key: str, limit: int | None) -> bool:
+        slot = self._slot(key)
+        if limit is not None and slot.in_flight >= limit:
+            return False
+        slot.in_flight += 1
+        return True
 
     def add_latency(self, key: str, seconds: float, now: float) -> None:
         slot = self._slot(key)
