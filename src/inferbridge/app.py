@@ -63,9 +63,11 @@ def settle_heap() -> None:
 
 
 def auth_state(config: Config) -> str:
-    if config.auth.keys:
-        return f"on ({len(config.auth.keys)} key(s))"
-    if config.auth.api_keys:
+    auth = config.auth
+    count = len(auth.api_keys) + len(auth.named_keys) + len(auth.admin_keys)
+    if auth.required:
+        return f"on ({count} key(s))"
+    if count:
         return "OFF (INFERBRIDGE_AUTH=off)"
     return "off (no keys configured)"
 

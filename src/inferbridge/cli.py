@@ -98,7 +98,42 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="connect to every entry and say what answers there (exit 1 if any fails)",
     )
+    keys = sub.add_parser("keys", help="make keys for auth.keys (the config holds digests)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_sub.add_parser("hash", help="read a key on stdin, print its key_sha256: line")
+    new = keys_sub.add_parser("new", help="print a new random key and its auth.keys entry")
+    new.add_argument("name", help="the key's name (in logs, metrics and /v1/usage)")
     return parser
+
+
+def keys_command(args: argparse.Namespace) -> int:
+    """`inferbridge keys hash` / `inferbridge keys new NAME`."""
+    from inferbridge.keys import digest_line, new_key
+
+    if args.keys_command == "hash":
+        secret = sys.stdin.readline().rstrip("\r\n")
+        if not secret:
+            print("inferbridge: keys hash: give the key on stdin", file=sys.stderr)
+            return 2
+        print(digest_line(secret))
+        return 0
+    key, line = new_key(args.name)
+    print(key)
+    print(line)
+    print(
+        "# the first line is the key: give it to its user now, it is not stored anywhere; "
+        "the second goes under auth.keys",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def shared_limits(config: Config) -> list[str]:
+    """Limits that need one count for every process: key limits and model rpm/tpm."""
+    found = [f"auth.keys ({k.name})" for k in config.auth.named_keys if k.limited]
+    models = config.router.models.items()
+    found += [f"router.models.{name}" for name, m in models if m.rpm or m.tpm]
+    return found
 
 
 class Ordered(argparse.Action):
@@ -185,6 +220,8 @@ def printable(config: Config, overrides: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "keys":
+        return keys_command(args)
     if args.command != "serve":
         return command(args)
     with logs.held():  # warnings while the config loads, replayed in the configured format
@@ -208,11 +245,21 @@ def command(args: argparse.Namespace) -> int:
     import uvicorn
 
     server = config.server
-    if not config.auth.keys and not server.loopback() and not server.allow_open:
+    if not config.auth.required and not server.loopback() and not server.allow_open:
         print(
             f"inferbridge: refusing to serve on {server.host} without API keys: anyone who "
             "reaches this address could spend your upstreams. Configure auth.api_keys, or "
             "set server.allow_open: true (INFERBRIDGE_ALLOW_OPEN=true) if that is meant.",
+            file=sys.stderr,
+        )
+        return 2
+    limited = shared_limits(config)
+    if server.workers > 1 and config.state.store == "memory" and limited:
+        print(
+            f"inferbridge: refusing to start {server.workers} workers with rate limits "
+            f"({', '.join(limited)}) and state.store: memory: each worker would count on its "
+            "own, allowing several times each limit. Configure Redis (state: {store: redis, "
+            "url: redis://HOST:6379/0}) or run one worker.",
             file=sys.stderr,
         )
         return 2

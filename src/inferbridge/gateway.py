@@ -5,25 +5,34 @@ their clients at start-up (and the optional health checks) and closes them at sh
 requests in progress have ended, checks API keys, and turns a normalized request into a
 stream of event batches: `routing.attempts.routed_stream`, which picks deployments through
 the `Router`, retries and falls back before the first token, and enforces the timeouts.
+
+Keys (`keys.KeyRing`: who is calling, which models they may use) and limits
+(`quotas.Quotas`: per key and per model) are checked here too. With `state: {store: redis}`
+the router's state and the limits live in Redis (`inferbridge.shared`), shared by every
+replica.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from inferbridge.backends import registry
 from inferbridge.config import Config
 from inferbridge.config_source import ConfigError
-from inferbridge.errors import AuthenticationFailed, InvalidRequest
+from inferbridge.errors import InvalidRequest, ModelNotFound
 from inferbridge.events import Event
+from inferbridge.keys import Identity, KeyRing
 from inferbridge.observability import Observability
+from inferbridge.quotas import Admission, MemoryQuotaStore, Quotas, QuotaStore
 from inferbridge.request import InferenceRequest, RouteInfo
 from inferbridge.router import Router
 from inferbridge.routing.attempts import prompt_list, routed_stream
 from inferbridge.routing.drain import Drain
 from inferbridge.routing.health import HealthChecker
+from inferbridge.usage import estimate_prompt_tokens
 
 log = logging.getLogger("inferbridge")
 
@@ -35,13 +44,32 @@ class Gateway:
         self.backends = [
             registry.create(entry, drop_unsupported_default=drop) for entry in config.models
         ]
-        self.router = Router(self.backends, config.router, config.model_aliases)
+        self.keys = KeyRing(config.auth)
+        self.shared: Any = None
+        quota_store: QuotaStore = MemoryQuotaStore()
+        if config.state.store == "redis":
+            from inferbridge.shared import open_shared
+
+            self.shared, state, quota_store = open_shared(config)
+            self.router = Router(
+                self.backends, config.router, config.model_aliases, store=state, clock=time.time
+            )
+        else:
+            self.router = Router(self.backends, config.router, config.model_aliases)
         check_modes(self.router)
-        self._keys = [key.encode() for key in config.auth.keys]
         self.observability = Observability(
             log_prompts=config.server.log_prompts,
             access_log=config.server.access_log,
             router=self.router,
+        )
+        if self.shared is not None:
+            self.shared.observability = self.observability
+        self.quotas = Quotas(
+            quota_store,
+            config.router,
+            self.observability,
+            on_store_error=config.state.on_store_error,
+            shared=self.shared is not None,
         )
         self.drain = Drain()
         interval = config.router.health_check_interval
@@ -54,6 +82,8 @@ class Gateway:
         )
 
     async def start(self) -> None:
+        if self.shared is not None:
+            await self.shared.start()
         for backend in self.backends:
             await backend.start()
         if self.health is not None:
@@ -67,6 +97,8 @@ class Gateway:
             await self.health.close()
         for backend in self.backends:
             await backend.close()
+        if self.shared is not None:
+            await self.shared.close()  # after the drain: the last releases are sent
 
     def readiness(self) -> tuple[bool, dict]:
         """(ready, report) for `GET /health/readiness`: each deployment's state."""
@@ -75,39 +107,43 @@ class Gateway:
     # -- auth -----------------------------------------------------------------------------
     @property
     def auth_required(self) -> bool:
-        return bool(self._keys)
+        return self.keys.required
 
-    def authenticate(self, authorization: str | None, api_key: str | None = None) -> None:
-        """Check `Authorization: Bearer KEY` (or an `api-key` header) in constant time."""
-        if not self._keys:
-            return
+    def authenticate(
+        self, authorization: str | None, api_key: str | None = None
+    ) -> Identity | None:
+        """The caller's key (`Authorization: Bearer KEY`, or an `api-key` header), checked
+        in constant time; None when no keys are configured. 401 when missing, wrong or
+        expired."""
+        if not self.keys.required:
+            return None
         presented = api_key
         if authorization:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() == "bearer":
                 presented = token.strip()
-        if not presented:
-            raise AuthenticationFailed(
-                "Missing API key: send it as 'Authorization: Bearer YOUR_KEY'."
-            )
-        candidate = presented.encode()
-        ok = False
-        for key in self._keys:
-            ok |= hmac.compare_digest(candidate, key)
-        if not ok:
-            raise AuthenticationFailed("Incorrect API key provided.")
+        return self.keys.authenticate(presented)
+
+    def allows(self, identity: Identity | None, name: str) -> bool:
+        """May `identity` use model (or alias) `name`? (Others are answered 404.)"""
+        if identity is None or identity.models is None:
+            return True
+        return identity.allows(name, self.router.aliases.get(name))
 
     # -- dispatch -------------------------------------------------------------------------
     def open_stream(
-        self, request: InferenceRequest, route: RouteInfo
+        self, request: InferenceRequest, route: RouteInfo, identity: Identity | None = None
     ) -> tuple[AsyncIterator[Sequence[Event]], int]:
         """Start routing `request`; returns (event stream, choice count).
 
-        An unknown model raises here (404). Everything else that can fail before the first
-        token (no deployment available, limits full, upstream errors after retries and
-        fallbacks, unsupported parameters) is raised by the stream's first step, before the
-        OpenAI layer sends any header. `route` is filled in as deployments are tried.
+        An unknown model, or one `identity` may not use, raises here (404). Everything else
+        that can fail before the first token (no deployment available, limits full,
+        upstream errors after retries and fallbacks, unsupported parameters) is raised by
+        the stream's first step, before the OpenAI layer sends any header. `route` is
+        filled in as deployments are tried.
         """
+        if not self.allows(identity, request.model):
+            raise ModelNotFound(request.model)
         group = self.router.resolve(request.model)
         if not group.deployments[0].backend.serves(request.kind):
             raise wrong_mode(request)
@@ -121,6 +157,16 @@ class Gateway:
                 param="n",
             )
         return routed_stream(self.router, group, request, route, self.drain), choices
+
+    async def admit(self, identity: Identity | None, request: InferenceRequest) -> Admission:
+        """Check the key's and the model's limits (429 when one is reached); the admission
+        carries the answer's rate-limit headers and must be finished when the request
+        ends."""
+        model = self.router.resolve(request.model).name
+        admission = await self.quotas.admit(identity, model, request.model)
+        if admission.subjects and any(s.tpm for s in admission.subjects):
+            admission.estimate = estimate_prompt_tokens(request)
+        return admission
 
 
 def wrong_mode(request: InferenceRequest) -> InvalidRequest:

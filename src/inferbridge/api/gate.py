@@ -27,6 +27,7 @@ from inferbridge.api.anthropic.errors import error_body as anthropic_error_body
 from inferbridge.api.anthropic.errors import is_anthropic_path
 from inferbridge.errors import InferbridgeError, PayloadTooLarge
 from inferbridge.gateway import Gateway
+from inferbridge.keys import IDENTITY
 from inferbridge.observability import AnswerWatch
 
 PUBLIC_PATHS = frozenset(
@@ -129,7 +130,7 @@ class RequestGate:
             await self.app(scope, receive, send)
             return
         try:
-            self.gateway.authenticate(
+            scope["state"][IDENTITY] = self.gateway.authenticate(
                 headers.get("authorization"), headers.get("api-key") or headers.get("x-api-key")
             )
             if scope["method"] in BODY_METHODS:

@@ -37,7 +37,9 @@ from inferbridge.api.responses import ResponseAssembler, StreamEncoder, error_ev
 from inferbridge.errors import InferbridgeError
 from inferbridge.events import Event, aclose
 from inferbridge.gateway import Gateway
+from inferbridge.keys import IDENTITY
 from inferbridge.observability import LOGGED, RequestTimer
+from inferbridge.quotas import NO_LIMITS, Admission
 from inferbridge.request import InferenceRequest, Kind, RouteInfo
 
 log = logging.getLogger("inferbridge")
@@ -101,13 +103,20 @@ def internal_error(request_id: str) -> InferbridgeError:
 class Exchange:
     """One request in flight: what the service needs to answer it and to record it."""
 
-    __slots__ = ("error", "request", "route", "timer")
+    __slots__ = ("admission", "error", "request", "route", "timer")
 
-    def __init__(self, request: InferenceRequest, route: RouteInfo, timer: RequestTimer) -> None:
+    def __init__(
+        self,
+        request: InferenceRequest,
+        route: RouteInfo,
+        timer: RequestTimer,
+        admission: Admission = NO_LIMITS,
+    ) -> None:
         self.request = request
         self.route = route
         self.timer = timer
         self.error: Exception | None = None
+        self.admission = admission
 
     def headers(self) -> dict[str, str]:
         """x-request-id, x-inferbridge-model (the model that answered, after fallbacks) and
@@ -120,6 +129,8 @@ class Exchange:
         }
         if self.route.ignored:
             headers["x-inferbridge-ignored-params"] = ", ".join(dict.fromkeys(self.route.ignored))
+        if self.admission.headers:  # x-ratelimit-* of the key's and model's limits
+            headers.update(self.admission.headers)
         return headers
 
     def as_error(self, exc: Exception) -> InferbridgeError:
@@ -132,6 +143,8 @@ class Exchange:
     def failed(self, exc: Exception, render: Renderer) -> Response:
         """An HTTP error answer: nothing was sent yet."""
         err = self.as_error(exc)
+        if self.admission.headers:
+            err.headers = {**self.admission.headers, **err.headers}
         self.timer.status = err.status
         self.timer.overhead = self.timer.overhead_so_far()
         return render.error_response(err, self.request.request_id)
@@ -263,7 +276,9 @@ class CompletionService:
             request = build()
             request.request_id = request_id
             route = RouteInfo()
-            stream, choices = self.gateway.open_stream(request, route)
+            identity = state.get(IDENTITY)
+            stream, choices = self.gateway.open_stream(request, route, identity)
+            admission = await self.gateway.admit(identity, request)  # 429 over a limit
         except InferbridgeError as exc:
             state[LOGGED] = True  # logged here, not by the gate
             self.observe.rejected(
@@ -278,7 +293,7 @@ class CompletionService:
             return renderer.error_response(exc, request_id)
 
         timer.routed = _now()
-        ex = Exchange(request, route, timer)
+        ex = Exchange(request, route, timer, admission)
         render = renderer(request, choices, self.observe.log_prompts)
         state[LOGGED] = True  # `_record` logs it, not the gate
         self.observe.started(request.model)
@@ -303,6 +318,7 @@ class CompletionService:
                 await aclose(stream)
 
     def _record(self, ex: Exchange, render: Renderer) -> None:
+        ex.admission.finish(render.usage(), ex.timer.status)
         completion = render.completion() if self.observe.log_prompts else None
         self.observe.record(ex.request, ex.route, ex.timer, render.usage(), ex.error, completion)
 
