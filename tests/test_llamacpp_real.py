@@ -10,12 +10,14 @@ non-stream agreement under greedy sampling, stop strings cut where they occur.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -98,13 +100,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("llama")
+@contextlib.contextmanager
+def running_server(tmp: Path, *extra: str) -> Iterator[str]:
+    """llama-server on the tiny model (written into `tmp`) with `extra` arguments; its URL."""
     model = tmp / "tiny-llama.gguf"
-    write_tiny_llama(model)
+    if not model.exists():
+        write_tiny_llama(model)
     port = free_port()
-    log = (tmp / "llama-server.log").open("wb")
+    log = (tmp / f"llama-server-{port}.log").open("wb")
     cmd = [
         str(BINARY),
         "-m",
@@ -124,6 +127,7 @@ def llama_server(tmp_path_factory):
         "--no-context-shift",
         "--alias",
         "tiny",
+        *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -132,7 +136,7 @@ def llama_server(tmp_path_factory):
         while True:
             if proc.poll() is not None:
                 log.flush()
-                pytest.fail("llama-server exited:\n" + (tmp / "llama-server.log").read_text())
+                pytest.fail("llama-server exited:\n" + Path(log.name).read_text())
             try:
                 with urllib.request.urlopen(url + "/health", timeout=1) as resp:
                     if resp.status == 200:
@@ -151,6 +155,12 @@ def llama_server(tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("llama")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +309,72 @@ def test_chat_logprobs_from_the_server(proxy):
     assert len(content) == r.usage.completion_tokens
     assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
     assert all(bytes(t.bytes).decode() == t.token for t in content)
+
+
+# -- the model's own template: /props and /apply-template ------------------------------------
+CHAT = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+PREFILL = [*CHAT, {"role": "assistant", "content": "Hel"}]
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def apply_template(url: str, messages: list[dict]) -> bytes:
+    body = json.dumps({"messages": messages}).encode()
+    req = urllib.request.Request(
+        url + "/apply-template", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.read()
+
+
+def test_fake_props_and_apply_template_match_the_real_server(llama_server, tmp_path):
+    real = get_json(llama_server + "/props")
+    with FakeLlamaCpp() as fake:
+        props = get_json(fake.url + "/props")
+        assert set(props) <= set(real)
+        keys = ("chat_template", "bos_token", "eos_token")
+        assert [props[k] for k in keys] == [real[k] for k in keys]  # the GGUF's ChatML
+        for messages in (CHAT, PREFILL):  # prefill: a trailing assistant message continued
+            assert apply_template(fake.url, messages) == apply_template(llama_server, messages)
+        fake.chat_template = "llama3"
+        with running_server(tmp_path, "--chat-template", "llama3") as url:
+            assert get_json(url + "/props")["chat_template"] == "llama3"  # a name, not Jinja
+            for messages in (CHAT, PREFILL):
+                assert apply_template(fake.url, messages) == apply_template(url, messages)
+
+
+def test_builtin_template_name_is_rendered_by_the_server(tmp_path):
+    from tests.server import InferbridgeServer
+
+    with running_server(tmp_path, "--chat-template", "llama3") as url:
+        entry = {"backend": "llamacpp", "url": url, "timeout": 30}
+        models = [
+            {"name": "named", "prompt_template": "llama3", **entry},  # rendered here
+            {"name": "own", **entry},  # /props says "llama3": rendered by /apply-template
+        ]
+        with InferbridgeServer({"models": models}) as server:
+            client = server.openai()
+            kw = {"messages": CHAT, "max_tokens": 4, **GREEDY}
+            ours = client.chat.completions.create(model="named", **kw)
+            theirs = client.chat.completions.create(model="own", **kw)
+    assert theirs.usage.prompt_tokens == ours.usage.prompt_tokens
+    assert theirs.choices[0].message.content == ours.choices[0].message.content
+
+
+async def test_jinja_with_a_builtin_name_is_refused_at_start_up(tmp_path):
+    from inferbridge.config import load_config
+    from inferbridge.errors import DeploymentMisconfigured
+    from inferbridge.gateway import Gateway
+
+    # llama-server --jinja takes the name itself as the template: every prompt is "llama3"
+    with running_server(tmp_path, "--jinja", "--chat-template", "llama3") as url:
+        entry = {"name": "own", "backend": "llamacpp", "url": url}
+        gateway = Gateway(load_config(data={"models": [entry]}, environ={}))
+        try:
+            with pytest.raises(DeploymentMisconfigured, match=r"\(own\[0\]\).*--jinja"):
+                await gateway.start()
+        finally:
+            await gateway.close()

@@ -161,10 +161,9 @@ class FakeLlamaCpp(FakeServer):
         if self.loading:
             return self._loading()
         messages = (rec.json or {}).get("messages")
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
-        ):
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             return self._json(error_body(400, "'messages' must be a list of messages"), 400)
+        messages = [{**m, "content": m.get("content") or ""} for m in messages]
         prefill = ""
         if messages and messages[-1].get("role") == "assistant":
             *messages, last = messages

@@ -423,7 +423,7 @@ class LlamaCppBackend(Backend):
             else:
                 why = "GET /props reports none"
             try:  # can the server render chats itself?
-                await self._apply_template(PROBE_MESSAGES, bos, timeout=timeout)
+                sample = await self._apply_template(PROBE_MESSAGES, bos, timeout=timeout)
             except NoSuchEndpoint:
                 raise no_template(
                     self.label, f"{why}, and this llama-server has no POST /apply-template"
@@ -431,6 +431,14 @@ class LlamaCppBackend(Backend):
             except UpstreamRejected as exc:
                 if exc.retryable:
                     raise
+            else:
+                if PROBE_MESSAGES[0]["content"] not in sample:
+                    # e.g. `--jinja --chat-template llama3`: the name rendered as Jinja text
+                    raise no_template(
+                        self.label,
+                        f"{why}, and llama-server's /apply-template renders no message with "
+                        f"it ({sample[:40]!r}): is --jinja set with a built-in template name?",
+                    )
             log.info("%s: %s; llama-server renders chats (/apply-template)", self.label, why)
             self._server_tokens = (bos, eos)
 
