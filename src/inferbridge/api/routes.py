@@ -20,6 +20,8 @@ from inferbridge.api.embeddings import include_embeddings
 from inferbridge.api.protocol import ChatCompletionRequest, CompletionRequest
 from inferbridge.api.responses_api import include_responses_api
 from inferbridge.api.serving import CompletionService
+from inferbridge.api.usage import identity_of
+from inferbridge.api.usage import router as usage_routes
 from inferbridge.errors import AuthenticationFailed, ModelNotFound
 from inferbridge.gateway import Gateway
 
@@ -68,16 +70,21 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
 @openai.get("/models", summary="List models")
 async def list_models(request: Request) -> Response:
-    router = gateway_of(request).router
-    cards = [model_card(request, name) for name in router.public_names()]
+    gateway = gateway_of(request)
+    identity = identity_of(request)
+    names = [n for n in gateway.router.public_names() if gateway.allows(identity, n)]
+    cards = [model_card(request, name) for name in names]
     return json_response({"object": "list", "data": cards})
 
 
 @openai.get("/models/{model:path}", summary="Retrieve a model", responses={404: ERRORS[404]})
 async def retrieve_model(model: str, request: Request) -> Response:
-    router = gateway_of(request).router
+    gateway = gateway_of(request)
+    router = gateway.router
     if model not in router.models and model not in router.aliases:
         raise ModelNotFound(model)
+    if not gateway.allows(identity_of(request), model):
+        raise ModelNotFound(model)  # a model the key may not use does not exist for it
     return json_response(model_card(request, model))
 
 
@@ -124,6 +131,7 @@ def include_routes(app: FastAPI) -> None:
     app.include_router(openai, include_in_schema=False)
     app.include_router(health)
     app.include_router(anthropic)
+    app.include_router(usage_routes)
     include_embeddings(app)
     include_responses_api(app)
     app.state.started = int(time.time())
