@@ -25,4 +25,17 @@ if [ -x scripts/build-llama-server.sh ]; then
     scripts/build-llama-server.sh || echo "llama-server not built: its real-server test will skip"
 fi
 
+# A real Redis for tests/test_keys_limits.py and tests/test_replicas.py (they start their
+# own redis-server on a free port, and skip, saying why, when there is none).
+if ! command -v redis-server >/dev/null; then
+    if command -v apt-get >/dev/null; then
+        SUDO=""
+        if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO="sudo -n"; fi
+        ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server) \
+            || echo "redis-server not installed: the shared-state tests will skip"
+    else
+        echo "redis-server not found (no apt-get): the shared-state tests will skip"
+    fi
+fi
+
 pytest "$@"

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from tests.redis_server import RedisServer
+from tests.redis_server import missing as redis_missing
 from tests.server import InferbridgeServer
 
 
@@ -35,4 +37,14 @@ def echo_server() -> Iterator[InferbridgeServer]:
             ]
         }
     ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server for the shared-state tests (skipped when it is not installed)."""
+    reason = redis_missing()
+    if reason:
+        pytest.skip(reason)
+    with RedisServer() as server:
         yield server
