@@ -347,6 +347,7 @@ def test_an_attempt_copies_every_field_and_owns_its_dicts():
         "request_id": "rid",
         "ignored": [],  # a fresh list per attempt
         "input": ["to embed"],
+        "responses_body": {"input": "hi"},
     }
     assert set(values) == {f.name for f in dataclasses.fields(InferenceRequest)}
     original = InferenceRequest(**values)
