@@ -14,6 +14,7 @@ replica.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -84,8 +85,9 @@ class Gateway:
     async def start(self) -> None:
         if self.shared is not None:
             await self.shared.start()
-        for backend in self.backends:
-            await backend.start()
+        # at once: a backend that asks its server something at start-up (a chat template)
+        # waits a few seconds for an unreachable one, and those waits must not add up
+        await asyncio.gather(*(backend.start() for backend in self.backends))
         if self.health is not None:
             self.health.start()
 
