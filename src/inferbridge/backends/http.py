@@ -1,4 +1,5 @@
-"""The HTTP client every HTTP backend uses (aiohttp), and its failure mapping.
+"""The HTTP client every HTTP backend uses (aiohttp). Failures are mapped to errors by
+`upstream_errors`; streamed bodies are read as events by `stream_parsing`.
 
 One `HttpUpstream` per deployment owns one `aiohttp.ClientSession` (opened in `start()`,
 closed in `close()`) configured from the entry: timeouts, connection limit, proxy, TLS,
@@ -41,12 +42,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
-import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import getproxies_environment, proxy_bypass_environment
 
@@ -55,15 +54,35 @@ import orjson
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from inferbridge.backends.stream_parsing import ItemParser, StreamParser
+from inferbridge.backends.upstream_errors import (
+    RELAYED_STATUSES,
+    error_code,
+    error_message,
+    load_json,
+    status_error,
+    transport_error,
+)
 from inferbridge.config import ConfigError, DeploymentConfig, TLSConfig
-from inferbridge.decoders import NDJSONDecoder, SSEDecoder
 from inferbridge.errors import (
     UpstreamError,
-    UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from inferbridge.events import Event
+
+__all__ = [  # what adapters import from here
+    "RELAYED_STATUSES",
+    "HttpUpstream",
+    "ItemParser",
+    "StreamParser",
+    "UpstreamResponse",
+    "error_code",
+    "error_message",
+    "load_json",
+    "status_error",
+    "transport_error",
+]
 
 # Response head limits (aiohttp's parser): one status or header line, one header field,
 # and the number of header lines.
@@ -77,74 +96,6 @@ DEFAULT_HEADERS = {"User-Agent": "inferbridge"}
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 Origin = tuple[str, str, int | None]
-
-
-def error_message(body: bytes) -> str:
-    """The human message in an upstream error body, whatever shape the backend uses."""
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return text[:500] or "(empty body)"
-    if isinstance(data, dict):
-        err = data.get("error", data)
-        if isinstance(err, dict):
-            for key in ("message", "detail", "error", "msg"):
-                value = err.get(key)
-                if isinstance(value, str) and value:
-                    return value
-            if isinstance(err.get("detail"), list):  # FastAPI-style validation errors
-                return "; ".join(str(d.get("msg", d)) for d in err["detail"])
-        elif isinstance(err, str) and err:
-            return err
-    return text[:500]
-
-
-def error_code(body: bytes) -> str | None:
-    """An upstream's own error `code` when it is a string (kept, e.g. Azure content_filter)."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    err = data.get("error") if isinstance(data, dict) else None
-    code = err.get("code") if isinstance(err, dict) else None
-    return code if isinstance(code, str) else None
-
-
-# Upstream refusals relayed with their status: the client's request is at fault.
-RELAYED_STATUSES = frozenset({400, 404, 409, 413, 422})
-
-
-def status_error(label: str, status: int, body: bytes, headers: Any = None) -> UpstreamError:
-    """Map an upstream HTTP error status to the error inferbridge returns."""
-    message = error_message(body)
-    retry_after = headers.get("Retry-After") if headers is not None else None
-    extra = {"Retry-After": retry_after} if retry_after else {}
-    if status in (401, 403):
-        return UpstreamError(
-            f"{label} rejected inferbridge's credentials (HTTP {status}): {message}",
-            backend=label,
-        )
-    if status == 429:
-        err = UpstreamRejected(
-            f"{label} is rate limiting: {message}", status=429, backend=label, headers=extra
-        )
-        err.type, err.code, err.retryable = "rate_limit_error", "rate_limit_exceeded", True
-        return err
-    if status in RELAYED_STATUSES:
-        return UpstreamRejected(
-            f"{message} (from {label})",
-            status=400 if status == 422 else status,
-            code=error_code(body),
-            backend=label,
-        )
-    if status == 503:
-        return UpstreamUnavailable(
-            f"{label} is unavailable (HTTP 503): {message}", backend=label, headers=extra
-        )
-    if status in (408, 504):
-        return UpstreamTimeout(f"{label} timed out (HTTP {status}): {message}", backend=label)
-    return UpstreamError(f"{label} failed with HTTP {status}: {message}", backend=label)
 
 
 def split_user_info(url: str) -> tuple[str, str | None]:
@@ -163,129 +114,6 @@ def split_user_info(url: str) -> tuple[str, str | None]:
     return plain, f"Basic {token}"
 
 
-def _reason(exc: aiohttp.ClientConnectorError) -> str:
-    """Why a connection failed, without the address (it may be internal)."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return "its TLS certificate is not trusted"
-    if isinstance(exc, aiohttp.ClientConnectorSSLError):
-        return "the TLS handshake failed"
-    code = exc.os_error.errno
-    if isinstance(exc.os_error, socket.gaierror):
-        return "its host name does not resolve"
-    return os.strerror(code) if code else type(exc.os_error).__name__
-
-
-def transport_error(label: str, exc: BaseException) -> UpstreamError:
-    """Map an aiohttp or socket exception to the error inferbridge returns."""
-    if isinstance(exc, UpstreamError):
-        return exc
-    if isinstance(exc, aiohttp.ClientHttpProxyError):
-        return UpstreamError(
-            f"{label}: the proxy refused the connection (HTTP {exc.status}): {exc.message}",
-            backend=label,
-        )
-    if isinstance(exc, aiohttp.ClientResponseError):  # the parser refused the answer's head
-        return UpstreamError(f"{label} sent an invalid answer: {exc.message}", backend=label)
-    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS, proxy: not sent
-        return UpstreamError(f"{label} is unreachable ({_reason(exc)})", backend=label)
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamTimeout(f"{label} did not answer in time (connecting)", backend=label)
-    if isinstance(exc, aiohttp.SocketTimeoutError):
-        return UpstreamTimeout(
-            f"{label} did not answer in time (nothing received for read_timeout)",
-            backend=label,
-        )
-    if isinstance(exc, TimeoutError):
-        return UpstreamTimeout(f"{label} did not answer in time", backend=label)
-    if isinstance(exc, aiohttp.ClientPayloadError):  # cut short, or undecodable
-        return UpstreamError(f"{label} closed the connection mid-response ({exc})", backend=label)
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)):
-        return UpstreamError(f"{label} closed the connection mid-response", backend=label)
-    return UpstreamError(f"{label} failed ({type(exc).__name__})", backend=label)
-
-
-def load_json(label: str, data: bytes, what: str = "stream event") -> Any:
-    """Parse one JSON payload from a backend; garbage is the backend's protocol error."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise UpstreamError(
-            f"{label} sent an invalid {what}: {data[:200]!r}", backend=label
-        ) from None
-
-
-class StreamParser(Protocol):
-    """Turns a streamed body into events for `HttpUpstream.events`; one per answer."""
-
-    done: bool
-    """The protocol's own end was seen (e.g. `data: [DONE]`): the rest is not read."""
-    error: UpstreamError | None
-    """Set instead of raising, so the events decoded before the error still go out."""
-
-    def feed(self, data: bytes) -> list[Event]:
-        """Events of the next piece of body (bytes may split anywhere)."""
-        ...
-
-    def finish(self) -> list[Event]:
-        """Events left at the end of the body; sets `error` if the answer was cut short."""
-        ...
-
-
-class ItemParser:
-    """The usual `StreamParser`: a decoder cuts the body into items (SSE events, NDJSON
-    lines) and `take(item, batch)` appends each item's events to the batch, returning True
-    at the protocol's end marker; adapters pass `take` or override the method. An
-    `UpstreamError` raised by `take` stops the stream after the events before it; a body
-    that ends before the marker is truncated (unless `complete_without_marker`).
-    """
-
-    __slots__ = ("_take", "decoder", "done", "error", "label")
-
-    def __init__(
-        self,
-        label: str,
-        decoder: SSEDecoder | NDJSONDecoder,
-        take: Callable[[Any, list[Event]], bool] | None = None,
-    ) -> None:
-        self.label = label
-        self.decoder = decoder
-        self._take = take
-        self.done = False
-        self.error: UpstreamError | None = None
-
-    def take(self, item: Any, batch: list[Event]) -> bool:
-        """Append the events of one item to `batch`; True at the protocol's end marker."""
-        raise NotImplementedError
-
-    def feed(self, data: bytes) -> list[Event]:
-        return self._items(self.decoder.feed(data))
-
-    def finish(self) -> list[Event]:
-        batch = self._items(self.decoder.flush())
-        if not self.done and self.error is None and not self.complete_without_marker():
-            self.error = UpstreamError.truncated(self.label)
-        return batch
-
-    def complete_without_marker(self) -> bool:
-        """Whether an answer whose end marker never came is whole anyway (no, by default)."""
-        return False
-
-    def _items(self, items: list[Any]) -> list[Event]:
-        batch: list[Event] = []
-        if self.done or self.error is not None:
-            return batch
-        take = self._take or self.take
-        try:
-            for item in items:
-                if take(item, batch):
-                    self.done = True
-                    break
-        except UpstreamError as exc:
-            self.error = exc
-        return batch
-
-
-# What a failed exchange raises (TimeoutError is an OSError).
 _FAILURES = (aiohttp.ClientError, OSError)
 
 

@@ -1,0 +1,139 @@
+"""How upstream failures become inferbridge errors: an answer outside 2xx (`status_error`,
+with the message and code found in whatever error body shape the backend uses) and a
+failed exchange (`transport_error`, without the upstream's address), each naming the
+deployment."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import aiohttp
+import orjson
+
+from inferbridge.errors import (
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+
+def error_message(body: bytes) -> str:
+    """The human message in an upstream error body, whatever shape the backend uses."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return text[:500] or "(empty body)"
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            for key in ("message", "detail", "error", "msg"):
+                value = err.get(key)
+                if isinstance(value, str) and value:
+                    return value
+            if isinstance(err.get("detail"), list):  # FastAPI-style validation errors
+                return "; ".join(str(d.get("msg", d)) for d in err["detail"])
+        elif isinstance(err, str) and err:
+            return err
+    return text[:500]
+
+
+def error_code(body: bytes) -> str | None:
+    """An upstream's own error `code` when it is a string (kept, e.g. Azure content_filter)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    err = data.get("error") if isinstance(data, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    return code if isinstance(code, str) else None
+
+
+# Upstream refusals relayed with their status: the client's request is at fault.
+RELAYED_STATUSES = frozenset({400, 404, 409, 413, 422})
+
+
+def status_error(label: str, status: int, body: bytes, headers: Any = None) -> UpstreamError:
+    """Map an upstream HTTP error status to the error inferbridge returns."""
+    message = error_message(body)
+    retry_after = headers.get("Retry-After") if headers is not None else None
+    extra = {"Retry-After": retry_after} if retry_after else {}
+    if status in (401, 403):
+        return UpstreamError(
+            f"{label} rejected inferbridge's credentials (HTTP {status}): {message}",
+            backend=label,
+        )
+    if status == 429:
+        err = UpstreamRejected(
+            f"{label} is rate limiting: {message}", status=429, backend=label, headers=extra
+        )
+        err.type, err.code, err.retryable = "rate_limit_error", "rate_limit_exceeded", True
+        return err
+    if status in RELAYED_STATUSES:
+        return UpstreamRejected(
+            f"{message} (from {label})",
+            status=400 if status == 422 else status,
+            code=error_code(body),
+            backend=label,
+        )
+    if status == 503:
+        return UpstreamUnavailable(
+            f"{label} is unavailable (HTTP 503): {message}", backend=label, headers=extra
+        )
+    if status in (408, 504):
+        return UpstreamTimeout(f"{label} timed out (HTTP {status}): {message}", backend=label)
+    return UpstreamError(f"{label} failed with HTTP {status}: {message}", backend=label)
+
+
+def _reason(exc: aiohttp.ClientConnectorError) -> str:
+    """Why a connection failed, without the address (it may be internal)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "its TLS certificate is not trusted"
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        return "the TLS handshake failed"
+    code = exc.os_error.errno
+    if isinstance(exc.os_error, socket.gaierror):
+        return "its host name does not resolve"
+    return os.strerror(code) if code else type(exc.os_error).__name__
+
+
+def transport_error(label: str, exc: BaseException) -> UpstreamError:
+    """Map an aiohttp or socket exception to the error inferbridge returns."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return UpstreamError(
+            f"{label}: the proxy refused the connection (HTTP {exc.status}): {exc.message}",
+            backend=label,
+        )
+    if isinstance(exc, aiohttp.ClientResponseError):  # the parser refused the answer's head
+        return UpstreamError(f"{label} sent an invalid answer: {exc.message}", backend=label)
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS, proxy: not sent
+        return UpstreamError(f"{label} is unreachable ({_reason(exc)})", backend=label)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamTimeout(f"{label} did not answer in time (connecting)", backend=label)
+    if isinstance(exc, aiohttp.SocketTimeoutError):
+        return UpstreamTimeout(
+            f"{label} did not answer in time (nothing received for read_timeout)",
+            backend=label,
+        )
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"{label} did not answer in time", backend=label)
+    if isinstance(exc, aiohttp.ClientPayloadError):  # cut short, or undecodable
+        return UpstreamError(f"{label} closed the connection mid-response ({exc})", backend=label)
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)):
+        return UpstreamError(f"{label} closed the connection mid-response", backend=label)
+    return UpstreamError(f"{label} failed ({type(exc).__name__})", backend=label)
+
+
+def load_json(label: str, data: bytes, what: str = "stream event") -> Any:
+    """Parse one JSON payload from a backend; garbage is the backend's protocol error."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(
+            f"{label} sent an invalid {what}: {data[:200]!r}", backend=label
+        ) from None
