@@ -361,6 +361,9 @@ class ResponsesConfig(BaseModel):
     """Responses kept at most (least recently used dropped first); 0 stores none."""
     max_stored_bytes: int = Field(default=128 * 1024 * 1024, gt=0)
     """Bytes of stored responses (serialized, with their conversations) at most."""
+    max_record_bytes: int = Field(default=1024 * 1024, gt=0)
+    """With `state: {store: redis}`: the largest record (serialized) kept in Redis; a larger
+    one is not stored (a warning). It must move within `state.timeout`."""
 
 
 class Config(BaseModel):

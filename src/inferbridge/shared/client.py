@@ -133,6 +133,12 @@ class RedisClient:
         run = self.scripts[script]
         return await self._bounded(op, lambda: run(keys=list(keys), args=list(args)), self.timeout)
 
+    async def request_command(self, op: str, command: str, *args: Any, **kwargs: Any) -> Any:
+        """One plain command for a request (a stored response's `GET`/`SET`/`DEL`), within
+        `state.timeout`; StoreError else."""
+        method = getattr(self.redis, command)
+        return await self._bounded(op, lambda: method(*args, **kwargs), self.timeout)
+
     async def call_command(self, op: str, command: str, *args: Any) -> Any:
         """One plain command off the hot path (`GET /v1/usage`), within the background
         timeout."""

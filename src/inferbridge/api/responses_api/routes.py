@@ -3,7 +3,8 @@ retrieve and delete stored responses.
 
 `include_responses_api(app)` adds them (under `/v1` and at the root, like the OpenAI routes)
 and is the one line `api.routes.include_routes` needs. The response store is made on first
-use from the config's `responses:` section (`MemoryResponseStore`).
+use from the config's `responses:` section: `RedisResponseStore` with `state: {store:
+redis}` (shared by every replica), `MemoryResponseStore` else.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from inferbridge.api.responses_api.render import ResponsesRenderer, response_she
 from inferbridge.api.responses_api.schema import ResponsesRequest, invalid_responses_body
 from inferbridge.api.responses_api.store import (
     MemoryResponseStore,
+    RedisResponseStore,
     ResponseStore,
     StoredResponse,
 )
@@ -39,10 +41,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "Unknown model, or unknown previous_response_id"},
     429: {"description": "Rate limited or every deployment busy"},
     502: {"description": "The backend failed"},
-    503: {"description": "No deployment available"},
+    503: {"description": "No deployment available, or the response store did not answer"},
     504: {"description": "The backend timed out"},
 }
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such stored response"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such stored response"},
+    503: {"description": "The response store did not answer"},
+}
 
 
 class ResponsesRoute(APIRoute):
@@ -66,17 +71,26 @@ router = APIRouter(tags=["responses"], route_class=ResponsesRoute)
 
 # -- state --------------------------------------------------------------------------------------
 def store_of(request: Request) -> ResponseStore:
-    """The app's response store, made on first use from the `responses:` config."""
+    """The app's response store, made on first use from the `responses:` config: in the
+    state store's Redis when there is one (`max_stored: 0` stores nothing there either)."""
     state = request.app.state
     store = getattr(state, "response_store", None)
     if store is None:
         gateway: Gateway = state.gateway
         settings = gateway.config.responses
-        store = state.response_store = MemoryResponseStore(
-            ttl=settings.store_ttl,
-            max_items=settings.max_stored,
-            max_bytes=settings.max_stored_bytes,
-        )
+        if gateway.shared is not None and settings.max_stored > 0:
+            store = RedisResponseStore(
+                gateway.shared,
+                ttl=settings.store_ttl,
+                max_record_bytes=settings.max_record_bytes,
+            )
+        else:
+            store = MemoryResponseStore(
+                ttl=settings.store_ttl,
+                max_items=settings.max_stored,
+                max_bytes=settings.max_stored_bytes,
+            )
+        state.response_store = store
     return store
 
 

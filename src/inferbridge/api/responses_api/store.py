@@ -1,11 +1,13 @@
 """Where responses made with `store: true` are kept, for `GET /v1/responses/{id}` and for
 `previous_response_id`.
 
-`ResponseStore` is the interface (async, so a shared store such as Redis can implement it);
-`MemoryResponseStore` keeps records in this process: a least-recently-used map bounded in
-count and in bytes, each record expiring `ttl` seconds after it was stored. Records are
-kept serialized (orjson), which is what the byte bound counts and what a shared store
-would hold.
+`ResponseStore` is the interface (async, so a shared store can implement it):
+
+- `MemoryResponseStore` keeps records in this process: a least-recently-used map bounded in
+  count and in bytes, each record expiring `ttl` seconds after it was stored. Records are
+  kept serialized (orjson), which is what the byte bound counts.
+- `RedisResponseStore` keeps them in the state store's Redis (`state: {store: redis}`),
+  shared by every replica: one key per response, expiring `ttl` seconds after it was stored.
 
 A record is self-contained: the response object and every input item that led to it (the
 earlier turns included), so a continuation never depends on an older record that expired
@@ -21,9 +23,14 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
+
+from inferbridge.quotas import StoreError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from inferbridge.shared.client import RedisClient
 
 log = logging.getLogger("inferbridge")
 
@@ -40,13 +47,17 @@ class StoredResponse:
 
 class ResponseStore(Protocol):
     async def get(self, response_id: str, owner: str) -> StoredResponse | None:
-        """The record, or None when unknown, expired, or someone else's."""
+        """The record, or None when unknown, expired, or someone else's; StoreUnavailable
+        (503) when a shared store does not answer."""
         ...
 
-    async def put(self, record: StoredResponse) -> None: ...
+    async def put(self, record: StoredResponse) -> None:
+        """Keep `record`, or log a warning why not (never raises: the answer goes out)."""
+        ...
 
     async def delete(self, response_id: str, owner: str) -> bool:
-        """Whether there was such a record (of that owner) to delete."""
+        """Whether there was such a record (of that owner) to delete; StoreUnavailable (503)
+        when a shared store does not answer."""
         ...
 
 
@@ -126,3 +137,94 @@ class MemoryResponseStore:
         self._next_sweep = now + min(1.0, self.ttl)
         for key in [k for k, (_, expires, _) in self._records.items() if expires <= now]:
             self._drop(key)
+
+
+def response_store_unavailable() -> StoreUnavailable:
+    return StoreUnavailable(
+        "The response store is unavailable: stored responses cannot be read or deleted "
+        "now. Retry after 1 s.",
+        headers={"Retry-After": "1"},
+    )
+
+
+class RedisResponseStore:
+    """In the state store's Redis, shared by every replica: a response made through one
+    replica is retrieved, continued and deleted through any other.
+
+    One key per response, `{state.prefix}:response:{owner}:{id}` (owner `-` without keys),
+    holding the record as orjson (`SET ... PX ttl`: it expires `ttl` seconds after it was
+    stored). The owner is part of the key, so another API key's look-up misses exactly as
+    in the memory store, and a delete is one `DEL`.
+
+    Bounds: the TTL and `max_record_bytes` per record (a larger record is not stored, with
+    a warning); `max_stored`/`max_stored_bytes` bound the memory store only, the rest is
+    Redis's memory (`maxmemory`).
+
+    Every call takes at most `state.timeout` (`RedisClient.request_command`). Whatever
+    `on_store_error` says, a record cannot be made up: `get` and `delete` raise
+    StoreUnavailable (503) when Redis does not answer; `put` logs a warning and returns,
+    and the answer still goes out (unstored).
+    """
+
+    def __init__(
+        self, client: RedisClient, *, ttl: float = 3600.0, max_record_bytes: int = 1 << 20
+    ) -> None:
+        self.client = client
+        self.ttl_ms = max(1, round(ttl * 1000))
+        self.max_record_bytes = max_record_bytes
+
+    def key(self, response_id: str, owner: str) -> str:
+        return self.client.key("response", owner or "-", response_id)
+
+    async def get(self, response_id: str, owner: str) -> StoredResponse | None:
+        try:
+            blob = await self.client.request_command(
+                "response_get", "get", self.key(response_id, owner)
+            )
+        except StoreError:
+            raise response_store_unavailable() from None
+        if blob is None:
+            return None
+        try:
+            data = orjson.loads(blob)
+            return StoredResponse(response_id, owner, data["response"], data["input_items"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("stored response %s is unreadable; answered as unknown", response_id)
+            return None
+
+    async def put(self, record: StoredResponse) -> None:
+        blob = orjson.dumps(
+            {
+                "id": record.id,
+                "owner": record.owner,
+                "response": record.response,
+                "input_items": record.input_items,
+            }
+        )
+        if len(blob) > self.max_record_bytes:
+            log.warning(
+                "response %s not stored: %d bytes, more than responses.max_record_bytes (%d)",
+                record.id,
+                len(blob),
+                self.max_record_bytes,
+            )
+            return
+        try:
+            await self.client.request_command(
+                "response_put", "set", self.key(record.id, record.owner), blob, px=self.ttl_ms
+            )
+        except StoreError as exc:
+            log.warning(
+                "response %s not stored: the state store did not answer (%s)",
+                record.id,
+                str(exc) or "no answer within state.timeout",
+            )
+
+    async def delete(self, response_id: str, owner: str) -> bool:
+        try:
+            deleted = await self.client.request_command(
+                "response_delete", "delete", self.key(response_id, owner)
+            )
+        except StoreError:
+            raise response_store_unavailable() from None
+        return bool(deleted)
