@@ -431,7 +431,6 @@ def test_exposition_labels_outcomes_ids_codes_and_gauges(serve):
 
 
 def test_error_codes_come_from_one_vocabulary():
-    from inferbridge.api.gate import RequestTimeout, UnsupportedMediaType
     from inferbridge.errors import (
         AuthenticationFailed,
         DeploymentMisconfigured,
@@ -439,6 +438,8 @@ def test_error_codes_come_from_one_vocabulary():
         InvalidRequest,
         ModelNotFound,
         RateLimited,
+        RequestTimeout,
+        UnsupportedMediaType,
         UpstreamError,
         UpstreamRejected,
         UpstreamTimeout,

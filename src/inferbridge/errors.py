@@ -107,6 +107,30 @@ class PayloadTooLarge(InferbridgeError):
     code = "request_too_large"
 
 
+class UnsupportedMediaType(InferbridgeError):
+    """415: the body is not sent as JSON."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class HeadersTooLarge(InferbridgeError):
+    """431: the request's headers are over `server.max_header_bytes`."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
+
+
+class RequestTimeout(InferbridgeError):
+    """408: the body did not arrive within `server.body_timeout`."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class RateLimited(InferbridgeError):
     status = 429
     type = "rate_limit_error"

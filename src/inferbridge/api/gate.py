@@ -25,7 +25,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from inferbridge import ids
 from inferbridge.api.anthropic.errors import error_body as anthropic_error_body
 from inferbridge.api.anthropic.errors import is_anthropic_path
-from inferbridge.errors import InferbridgeError, PayloadTooLarge
+from inferbridge.errors import (
+    HeadersTooLarge,
+    InferbridgeError,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from inferbridge.gateway import Gateway
 from inferbridge.keys import IDENTITY
 from inferbridge.observability import AnswerWatch
@@ -45,24 +51,6 @@ PUBLIC_PATHS = frozenset(
 DOCS_ASSETS = "/static-offline-docs/"
 """Where the documentation pages' scripts and styles are served from (public too)."""
 BODY_METHODS = frozenset({"POST"})
-
-
-class UnsupportedMediaType(InferbridgeError):
-    status = 415
-    type = "invalid_request_error"
-    code = "unsupported_media_type"
-
-
-class HeadersTooLarge(InferbridgeError):
-    status = 431
-    type = "invalid_request_error"
-    code = "headers_too_large"
-
-
-class RequestTimeout(InferbridgeError):
-    status = 408
-    type = "invalid_request_error"
-    code = "request_timeout"
 
 
 def is_json(content_type: str | None) -> bool:
