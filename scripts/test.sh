@@ -16,7 +16,7 @@ ruff format --check src tests bench
 # The TGI fake checked with the official `text-generation` client. That client needs
 # huggingface-hub < 1.0 while gradio_client needs >= 1.16, so it gets its own small venv.
 python3 -m venv .venv-tgi-client
-.venv-tgi-client/bin/python -m pip install -q text-generation aiohttp
+.venv-tgi-client/bin/python -m pip install -q text-generation aiohttp jinja2
 PYTHONPATH=. .venv-tgi-client/bin/python tests/clients/tgi_client_check.py
 
 # A real llama.cpp server for tests/test_llamacpp_real.py, built once and cached outside
