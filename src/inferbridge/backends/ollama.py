@@ -372,17 +372,7 @@ class OllamaBackend(Backend):
         fmt = ollama_format(params.get("response_format"))
         if fmt is not None:
             body["format"] = fmt
-        options = self.options(request)
-        if options:
-            body["options"] = options
-        keep_alive = self.settings.keep_alive
-        if "keep_alive" in extras:
-            try:
-                keep_alive = keep_alive_value(extras["keep_alive"])
-            except ValueError as exc:
-                raise InvalidRequest(str(exc), param="keep_alive") from None
-        if keep_alive is not None:
-            body["keep_alive"] = keep_alive
+        self.add_options(body, request)
         if "think" in extras:
             think = extras["think"]
             if not isinstance(think, bool | str):
@@ -418,10 +408,17 @@ class OllamaBackend(Backend):
             if not isinstance(extras["truncate"], bool):
                 raise InvalidRequest("'truncate' must be true or false.", param="truncate")
             body["truncate"] = extras["truncate"]
+        self.add_options(body, request)
+        return body
+
+    def add_options(self, body: dict[str, Any], request: InferenceRequest) -> None:
+        """The entry's and the request's `options` and `keep_alive`, as every Ollama call
+        takes them."""
         options = self.options(request)
         if options:
             body["options"] = options
         keep_alive = self.settings.keep_alive
+        extras = request.extras
         if "keep_alive" in extras:
             try:
                 keep_alive = keep_alive_value(extras["keep_alive"])
@@ -429,7 +426,6 @@ class OllamaBackend(Backend):
                 raise InvalidRequest(str(exc), param="keep_alive") from None
         if keep_alive is not None:
             body["keep_alive"] = keep_alive
-        return body
 
     async def embed(self, request: InferenceRequest) -> Embeddings:
         async with self.http.post("/api/embed", self.embed_body(request)) as resp:
