@@ -334,7 +334,8 @@ def _mixed_config() -> dict:
             {"name": "e", "backend": "echo"},
             {"name": "e", "backend": "echo", "id": "e-second"},
             {"name": "flaky", "backend": "echo", "mode": "chat"},
-            {"name": "flaky", "backend": "vllm", "url": dead, "connect_timeout": 2},
+            # weighted so the shuffle picks it first and it cools down (not left to chance)
+            {"name": "flaky", "backend": "vllm", "url": dead, "connect_timeout": 2, "weight": 1e6},
             {"name": "down", "backend": "vllm", "url": dead, "connect_timeout": 2},
             {"name": "busy", "backend": "echo", "delay": 0.2, "max_concurrent": 1},
         ],
