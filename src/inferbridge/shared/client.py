@@ -177,12 +177,16 @@ class RedisClient:
 
     def drop(self, zkey: str, lease: str) -> None:
         """Release `lease`: no more refreshes, and its removal is queued."""
+        self.forget(zkey, lease)
+        self.enqueue(lambda pipe: pipe.zrem(zkey, lease))
+
+    def forget(self, zkey: str, lease: str) -> None:
+        """Stop refreshing `lease` (its removal is the caller's, in a script of its own)."""
         members = self.held.get(zkey)
         if members is not None:
             members.pop(lease, None)
             if not members:
                 del self.held[zkey]
-        self.enqueue(lambda pipe: pipe.zrem(zkey, lease))
 
     def evalsha(self, pipe: Any, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Queue script `name` on a pipeline by its digest (loaded at start, reloaded when

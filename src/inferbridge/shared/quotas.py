@@ -3,7 +3,8 @@
 One check is one script call (`scripts.ADMIT`): every limit of the key and of the model is
 read and, when none is reached, the request is counted and its `max_parallel` slot taken,
 atomically on the server. What happens when a request ends (tokens charged, slot freed,
-usage counted) is queued and sent in the background (`RedisClient.enqueue`).
+usage counted) is one script call too (`scripts.FINISH`), queued and sent in the background
+(`RedisClient.enqueue`).
 
 Keys (under `state.prefix`): `rl:<key|model>:<name>:requests` and `:tokens` (hashes of
 one-second buckets), `rl:<...>:parallel` (leases), `usage:<YYYY-MM-DD>` (a hash of
@@ -63,22 +64,22 @@ class RedisQuotaStore:
         now: float | None = None,
     ) -> None:
         client = self.client
-        charged = [self._keys(s)[1] for s in subjects if s.tpm]
-        if charged and tokens > 0:
-            args = ["" if now is None else repr(now), tokens]
-            client.enqueue(lambda pipe: client.evalsha(pipe, "charge", charged, args))
-        for s in subjects:
-            if s.max_parallel:
-                client.drop(self._keys(s)[2], lease)
+        charged = [self._keys(s)[1] for s in subjects if s.tpm] if tokens > 0 else []
+        parallel = [self._keys(s)[2] for s in subjects if s.max_parallel]
+        for zkey in parallel:
+            client.forget(zkey, lease)
+        keys = charged + parallel
+        args: list[Any] = ["" if now is None else repr(now), len(charged), len(parallel)]
+        args += [tokens, lease, USAGE_TTL]
         if usage is not None:
             key, model, prompt, completion = usage
-            hkey = client.key("usage", utc_day(time.time() if now is None else now))
+            keys.append(client.key("usage", utc_day(time.time() if now is None else now)))
             base = f"{key}{SEP}{model}{SEP}"
-            for field, amount in zip(FIELDS, (1, prompt, completion), strict=True):
+            for name, amount in zip(FIELDS, (1, prompt, completion), strict=True):
                 if amount:
-                    name = base + field
-                    client.enqueue(lambda pipe, n=name, a=amount: pipe.hincrby(hkey, n, a))
-            client.enqueue(lambda pipe: pipe.expire(hkey, USAGE_TTL))
+                    args += [base + name, amount]
+        if keys:
+            client.enqueue(lambda pipe: client.evalsha(pipe, "finish", keys, args))
 
     async def usage(self, days: Sequence[str]) -> dict[str, dict[tuple[str, str], list[int]]]:
         client = self.client

@@ -116,14 +116,27 @@ return out
 """
 )
 
-CHARGE = (
+FINISH = (
     PRELUDE
     + """
--- Add tokens to token windows. KEYS: tokens hashes; ARGV: now ('' = server time), amount
-local second = math.floor(clock(ARGV[1]))
-for i = 1, #KEYS do
-  redis.call('HINCRBY', KEYS[i], second, ARGV[2])
-  redis.call('EXPIRE', KEYS[i], 62)
+-- A request ended: add its tokens to token windows, free its max_parallel leases and
+-- count it in the day's usage, in one call.
+-- KEYS: n token hashes, then m parallel sorted sets, then the usage hash (optional)
+-- ARGV: now ('' = server time), n, m, tokens, lease id, usage ttl (s),
+--       then usage field, amount pairs
+local n, m, tokens = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if n > 0 and tokens > 0 then
+  local second = math.floor(clock(ARGV[1]))
+  for i = 1, n do
+    redis.call('HINCRBY', KEYS[i], second, tokens)
+    redis.call('EXPIRE', KEYS[i], 62)
+  end
+end
+for i = n + 1, n + m do redis.call('ZREM', KEYS[i], ARGV[5]) end
+local usage = KEYS[n + m + 1]
+if usage then
+  for j = 7, #ARGV, 2 do redis.call('HINCRBY', usage, ARGV[j], ARGV[j + 1]) end
+  redis.call('EXPIRE', usage, ARGV[6])
 end
 return 1
 """
@@ -194,7 +207,7 @@ return out
 
 ALL = {
     "admit": ADMIT,
-    "charge": CHARGE,
+    "finish": FINISH,
     "slot": SLOT,
     "leases": LEASES,
     "unlock": UNLOCK,
