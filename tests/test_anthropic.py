@@ -311,6 +311,28 @@ def test_bad_input_names_the_field(echo):
             "messages": USER,
             "thinking": {"type": "enabled", "budget_tokens": 1024},
         },
+        "messages.0: all messages must have non-empty content": {
+            "model": "echo",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": []}],
+        },
+        "messages.1: all messages must have non-empty content": {
+            "model": "echo",
+            "max_tokens": 5,
+            "messages": [*USER, {"role": "assistant", "content": ""}, *USER],
+        },
+        "tools.1.type: server tools ('web_search_20250305') are not supported": {
+            "model": "echo",
+            "max_tokens": 5,
+            "messages": USER,
+            "tools": [WEATHER, {"type": "web_search_20250305", "name": "web_search"}],
+        },
+        "tool_choice: tool_choice 'any' needs at least one tool": {
+            "model": "echo",
+            "max_tokens": 5,
+            "messages": USER,
+            "tool_choice": {"type": "any"},
+        },
     }
     for message, body in cases.items():
         r = post(echo, "/v1/messages", body)

@@ -39,6 +39,16 @@ def post(srv, path: str, body, **kw) -> httpx.Response:
             {"model": "echo", "messages": USER, "response_format": {"type": "xml"}},
             "response_format.type",
         ),
+        ({"model": "echo", "messages": USER, "tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "model": "echo",
+                "messages": USER,
+                "tools": [{"type": "function", "function": {"name": "a"}}],
+                "tool_choice": {"type": "function", "function": {"name": "b"}},
+            },
+            "tool_choice",
+        ),
     ],
 )
 def test_bad_body_is_400_naming_the_field(echo_server, body, param):

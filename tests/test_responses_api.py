@@ -548,6 +548,23 @@ def test_stored_responses_belong_to_their_key(srv):
         ({"model": "echo", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
         ({"model": "echo", "input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"model": "echo", "input": "x", "tool_choice": "sometimes"}, "tool_choice"),
+        ({"model": "echo", "input": "x", "tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "model": "echo",
+                "input": "x",
+                "tools": [{"type": "function", "name": "a", "parameters": {}}],
+                "tool_choice": {"type": "function", "name": "b"},
+            },
+            "tool_choice",
+        ),
+        (  # an output without its call (OpenAI names `input`, the message the call id)
+            {
+                "model": "echo",
+                "input": [{"type": "function_call_output", "call_id": "c", "output": ""}],
+            },
+            "input",
+        ),
         (
             {"model": "echo", "input": "x", "text": {"format": {"type": "json_schema"}}},
             "text.format.name",

@@ -128,7 +128,8 @@ class KeyRing:
         wrong or expired. The message never repeats the key."""
         if not presented:
             raise AuthenticationFailed(
-                "Missing API key: send it as 'Authorization: Bearer YOUR_KEY'."
+                "Missing API key: send it as 'Authorization: Bearer YOUR_KEY' "
+                "(or in an 'x-api-key' header)."
             )
         candidate = digest(presented)
         found: Identity | None = None

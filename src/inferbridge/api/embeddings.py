@@ -19,7 +19,15 @@ from typing import Annotated, Any, Literal, NotRequired
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
-from pydantic import ConfigDict, Field, with_config
+from pydantic import (
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    with_config,
+)
+from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict
 
 from inferbridge.api.protocol import check_depth
@@ -29,7 +37,19 @@ from inferbridge.errors import InferbridgeError, InvalidRequest, UpstreamError
 from inferbridge.events import Embeddings, Event
 from inferbridge.request import InferenceRequest
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+TokenIds = list[Annotated[int, Field(ge=0, lt=2**31)]]
+INPUT_SHAPES = (
+    "must be a string, an array of strings, an array of token ids (integers from 0) or an "
+    "array of arrays of token ids"
+)
+
+
+def _one_message(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """One error naming every accepted shape, instead of the first branch's ("a string")."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError("invalid_input", INPUT_SHAPES) from None
 
 
 @with_config(ConfigDict(extra="allow", strict=True))
@@ -38,7 +58,7 @@ class EmbeddingRequest(TypedDict):
     OpenAI-compatible backends, understood by some others, refused by the rest)."""
 
     model: Annotated[str, Field(min_length=1)]
-    input: str | list[str] | TokenIds | list[TokenIds]
+    input: Annotated[str | list[str] | TokenIds | list[TokenIds], WrapValidator(_one_message)]
     """A text, a list of texts, a list of token ids, or a list of such lists."""
     encoding_format: NotRequired[Literal["float", "base64"] | None]
     dimensions: NotRequired[Annotated[int, Field(ge=1)] | None]

@@ -453,6 +453,24 @@ def check_depth(data: Any, limit: int = MAX_JSON_DEPTH) -> None:
         level = below
 
 
+def check_tool_choice(choice: Any, tools: Sequence[dict[str, Any]]) -> None:
+    """`required`, or a named function, needs tools, and a named function must be one."""
+    if choice == "required" and not tools:
+        raise InvalidRequest(
+            "Invalid value for 'tool_choice': 'required' is only allowed when 'tools' are "
+            "specified.",
+            param="tool_choice",
+        )
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        names = {(t.get("function") or {}).get("name") for t in tools}
+        if name not in names:
+            raise InvalidRequest(
+                f"Invalid value for 'tool_choice': function '{name}' is not one of 'tools'.",
+                param="tool_choice",
+            )
+
+
 def normalize(kind: Kind, data: dict[str, Any]) -> InferenceRequest:
     """An `InferenceRequest` from a body already validated against `SCHEMAS[kind]`."""
     check_depth(data)
@@ -476,6 +494,8 @@ def normalize(kind: Kind, data: dict[str, Any]) -> InferenceRequest:
     prompt = data.get("prompt")
     if kind == "completion" and isinstance(prompt, list) and not prompt:
         raise InvalidRequest("'prompt' must not be an empty list.", param="prompt")
+    if kind == "chat" and "tool_choice" in params:
+        check_tool_choice(params["tool_choice"], params.get("tools") or ())
     return InferenceRequest(
         kind=kind,
         model=data["model"],

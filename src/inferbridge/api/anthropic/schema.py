@@ -238,6 +238,20 @@ def field_path(loc: Sequence[Any]) -> str:
     return ".".join(parts)
 
 
+def _server_tool(errors: Sequence[Any]) -> tuple[str, str] | None:
+    """`(path, type)` of an Anthropic server tool (`web_search_20250305`...) in `tools`."""
+    for err in errors:
+        loc = tuple(err.get("loc") or ())
+        loc = loc[1:] if loc[:1] == ("body",) else loc
+        if len(loc) != 3 or loc[0] != "tools" or not isinstance(loc[1], int):
+            continue
+        value = err.get("input")
+        kind = value.get("type") if isinstance(value, dict) else value if loc[2] == "type" else None
+        if isinstance(kind, str) and kind != "custom":
+            return f"tools.{loc[1]}.type", kind
+    return None
+
+
 def invalid_body(errors: Sequence[Any]) -> InvalidRequest:
     """The 400 for FastAPI's validation errors of a Messages body, as `field.path: message`:
     the deepest error (of a union, the branch that came closest: a content list's block
@@ -254,6 +268,14 @@ def invalid_body(errors: Sequence[Any]) -> InvalidRequest:
         if kind == "missing":
             return InvalidRequest("The request body is empty; it must be a JSON object.")
         return InvalidRequest("The request body must be a JSON object.")
+    server_tool = _server_tool(errors)
+    if server_tool:
+        path, kind = server_tool
+        return InvalidRequest(
+            f"{path}: server tools ('{kind}') are not supported by inferbridge; tools must "
+            "be custom tools with an input_schema.",
+            param=path,
+        )
     path = field_path(loc)
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         path += ".type"
@@ -355,9 +377,16 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     if system:
         text = system if isinstance(system, str) else "\n".join(b["text"] for b in system)
         out.append({"role": "system", "content": text})
-    for i, message in enumerate(body["messages"]):
+    messages = body["messages"]
+    for i, message in enumerate(messages):
         content = message["content"]
         role = message["role"]
+        if not content and not (role == "assistant" and i == len(messages) - 1):
+            raise _refuse(
+                f"messages.{i}",
+                "all messages must have non-empty content except for the optional final "
+                "assistant message",
+            )
         if isinstance(content, str):
             out.append({"role": role, "content": content})
         elif role == "user":
@@ -404,6 +433,8 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     if tools:
         chat["tools"] = [_function(tool) for tool in tools]
     choice = body.get("tool_choice")
+    if choice is not None and choice["type"] == "any" and not tools:
+        raise _refuse("tool_choice", "tool_choice 'any' needs at least one tool in 'tools'.")
     if choice is not None:
         if choice["type"] == "tool" and not any(t["name"] == choice["name"] for t in tools or ()):
             raise _refuse("tool_choice.name", f"no tool named '{choice['name']}' in 'tools'.")

@@ -161,6 +161,7 @@ class ResponsesCall:
             chat["tools"] = [chat_tool(t) for t in tools]
             if body.get("parallel_tool_calls") is not None:
                 chat["parallel_tool_calls"] = body["parallel_tool_calls"]
+        check_tool_choice(choice, tools)
         if isinstance(choice, dict):
             chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
         elif choice is not None and (tools or choice == "none"):
@@ -223,12 +224,38 @@ class ResponsesCall:
         instructions = self.body.get("instructions")
         if instructions:
             out.append({"role": "system", "content": instructions})
+        calls: set[str] = set()
         for i, item in enumerate(self.items):
             where = f"input[{i - self.prior_count}]" if i >= self.prior_count else "input"
+            kind = item.get("type")
+            if kind == "function_call":
+                calls.add(item["call_id"])
+            elif kind == "function_call_output" and item["call_id"] not in calls:
+                raise InvalidRequest(
+                    "No tool call found for function call output with call_id "
+                    f"{item['call_id']} ({where}).",
+                    param="input",
+                )
             add_item(out, item, where)
         if not out:
             raise InvalidRequest("Missing required parameter: 'input'.", param="input")
         return out
+
+
+def check_tool_choice(choice: Any, tools: list[dict[str, Any]]) -> None:
+    """A tool choice must name a tool of the request, and `required` needs tools."""
+    if choice == "required" and not tools:
+        raise InvalidRequest(
+            "Invalid value for 'tool_choice': 'required' must be specified with the 'tools' "
+            "parameter.",
+            param="tool_choice",
+        )
+    if isinstance(choice, dict) and choice["name"] not in {t["name"] for t in tools}:
+        raise InvalidRequest(
+            f"Invalid value for 'tool_choice': function '{choice['name']}' not found in the "
+            "'tools' parameter.",
+            param="tool_choice",
+        )
 
 
 def _unresolvable(item: dict[str, Any]) -> bool:
