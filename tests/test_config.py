@@ -160,3 +160,32 @@ def test_a_name_file_variable_stands_for_the_secret(tmp_path):
     path = write(tmp_path, "auth:\n  api_keys: [os.environ/MY_KEY]\n")
     config = load_config(path, environ={"MY_KEY_FILE": str(secret)})
     assert config.auth.keys == ["sk-docker-secret"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "models:\n  - name: d\n    backend: vllm\n"
+            "    url: http://u:p@127.0.0.1:19505/v1\n    api_key: sk-x\n",
+            "c.yaml:4: models[0] (d): url: the URL carries a user and password",
+        ),
+        ("auth:\n  api_keys: ['sha256:abc']\n", "c.yaml:2: auth.api_keys[0]: a 'sha256:' key"),
+        ("auth:\n  api_keys: [k1, k1]\n", "c.yaml:2: auth.api_keys[1]: the same key as"),
+        (
+            "models:\n  - {name: t, backend: tgi, url: 'http://h:1', mode: embeddings}\n",
+            "c.yaml:2: models[0] (t): mode: backend 'tgi' cannot serve embeddings",
+        ),
+        (
+            "models:\n  - {name: e, backend: echo}\n  - {name: e, backend: echo, mode: chat}\n",
+            "c.yaml:3: models[1] (e): mode: serves other requests than models[0]",
+        ),
+    ],
+)
+def test_what_the_server_would_refuse_is_refused_at_load(tmp_path, text, expected):
+    """Errors once found only when the Gateway was built (after `check` said OK)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert expected in str(info.value)

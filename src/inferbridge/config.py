@@ -213,6 +213,10 @@ def load_config(
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     assert base is not None
     errors = assign_ids(deployments)
+    if not errors:
+        placeholders = {loc for loc, _ in missing}
+        errors.extend(key_errors(base.auth, source, placeholders))
+        errors.extend(build_errors(deployments, raw_models, source))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     base.models = deployments
@@ -278,4 +282,92 @@ def _routing_errors(config: Config, names: set[str]) -> list[str]:
             for model in key.models or ()
             if model not in known
         )
+    return errors
+
+
+def _label(i: int, d: DeploymentConfig) -> str:
+    return f"models[{i}] ({d.name})"
+
+
+def key_errors(auth: AuthConfig, source: Source, placeholders: set[tuple]) -> list[str]:
+    """What the server's key ring refuses, found at load time: a `sha256:` value that is not
+    64 hex digits, and one secret given twice (in any of the three lists). Values that stand
+    in for unset variables (`check --no-env`) are not checked."""
+    import hashlib
+
+    listed: list[tuple[tuple, str]] = [
+        (("auth", "api_keys", i), key) for i, key in enumerate(auth.api_keys)
+    ]
+    listed += [(("auth", "admin_keys", i), key) for i, key in enumerate(auth.admin_keys)]
+    listed += [
+        (("auth", "keys", i, "key_sha256"), f"sha256:{k.key_sha256}")
+        if k.key_sha256
+        else (("auth", "keys", i, "key"), k.key or "")
+        for i, k in enumerate(auth.named_keys)
+    ]
+    errors = []
+    seen: dict[bytes, tuple] = {}
+    for loc, value in listed:
+        if loc in placeholders:
+            continue
+        if value.startswith("sha256:"):
+            try:
+                secret = bytes.fromhex(value[len("sha256:") :].strip())
+            except ValueError:
+                secret = b""
+            if len(secret) != 32:
+                errors.append(
+                    f"{source.where(loc)}{dotted(loc)}: a 'sha256:' key must be followed by 64 "
+                    "hex digits (inferbridge keys hash prints one)"
+                )
+                continue
+        else:
+            secret = hashlib.sha256(value.encode()).digest()
+        if secret in seen:
+            errors.append(
+                f"{source.where(loc)}{dotted(loc)}: the same key as {dotted(seen[secret])}"
+            )
+        else:
+            seen[secret] = loc
+    return errors
+
+
+def build_errors(
+    deployments: list[DeploymentConfig], raw_models: list[Any], source: Source
+) -> list[str]:
+    """Build every entry's adapter as the server will (no connection is opened), so what
+    only an adapter refuses is reported now, naming the file, line and field; then check
+    what each model serves (`mode:`): one model's entries agree on it, and an entry serves
+    embeddings only when its backend makes them."""
+    from inferbridge.backends import registry
+
+    errors: list[str] = []
+    built = []
+    for i, d in enumerate(deployments):
+        try:
+            built.append(registry.create(d))
+        except ConfigError as exc:
+            message = str(exc).removeprefix(f"{d.describe()}: ")
+            field = next((f for f in ("url", "tls", "headers") if f in raw_models[i]), None)
+            loc = ("models", i, field) if field else ("models", i)
+            errors.append(f"{source.where(loc)}{_label(i, d)}: {field or '(entry)'}: {message}")
+    if errors:
+        return errors
+    first: dict[str, tuple[int, tuple[bool, bool]]] = {}
+    for i, backend in enumerate(built):
+        d = deployments[i]
+        serves = (backend.serves("chat"), backend.serves("embedding"))
+        where = source.where(("models", i, "mode") if "mode" in raw_models[i] else ("models", i))
+        if serves[1] and not backend.makes_embeddings():
+            errors.append(
+                f"{where}{_label(i, d)}: mode: backend '{d.backend}' cannot serve embeddings "
+                f"(mode: {backend.mode})"
+            )
+        if d.name not in first:
+            first[d.name] = (i, serves)
+        elif first[d.name][1] != serves:
+            errors.append(
+                f"{where}{_label(i, d)}: mode: serves other requests than models"
+                f"[{first[d.name][0]}], an entry of the same model: give them one mode"
+            )
     return errors
