@@ -271,3 +271,19 @@ def test_check_probe_says_what_answers_at_each_entry(tmp_path, capsys):
     assert lines["not-pulled[0]"].startswith("FAIL") and "nope:70b" in lines["not-pulled[0]"]
     assert lines["good[0]"].startswith("ok")
     assert lines["no-v1[0]"].startswith("FAIL")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_start_up_failure_is_one_clear_line_not_a_traceback(workers):
+    from tests.fakes.tgi import FakeTGI
+
+    with FakeTGI() as tgi:
+        tgi.chat_template = None  # a base model: TGI has no template to apply
+        proc = _run(
+            ["serve", "--port", str(19520 + int(workers)), "--workers", workers,
+             "--backend", "tgi", "--url", tgi.url, "--model", "notpl"]
+        )  # fmt: skip
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 3
+    assert "Traceback" not in out and "File " not in out
+    assert "start-up failed: backend 'tgi' (notpl[0]) has no chat template" in out

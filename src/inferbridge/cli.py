@@ -9,6 +9,7 @@ same file and overrides.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -20,6 +21,9 @@ import yaml
 from inferbridge import __version__, logs
 from inferbridge.config import Config, ConfigError, load_config
 from inferbridge.inference_server import InferenceServerError, parse_inference_server
+
+STARTUP_FAILURE = 3
+"""Exit code when the app's start-up failed (as uvicorn's own)."""
 
 # The config file the Docker image mounts: used when no other is named.
 DEFAULT_CONFIG = "/etc/inferbridge/config.yaml"
@@ -279,7 +283,7 @@ def command(args: argparse.Namespace) -> int:
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         http="httptools",
         # every process, workers included, configures logging from this (logs.py)
-        log_config=logs.logging_config(log_format, server.log_level),
+        log_config=logging_config(log_format, server.log_level),
         log_level=server.log_level,
         access_log=False,  # inferbridge writes its own JSON access log, off the loop
         proxy_headers=False,
@@ -290,6 +294,33 @@ def command(args: argparse.Namespace) -> int:
     )
     logs.replay()  # logging is configured now (uvicorn.Config did it)
     return run_server(uvicorn_config)
+
+
+class StartupFailure:
+    """A logging filter for `uvicorn.error`: a start-up that failed with one of inferbridge's
+    own errors (a deployment without a chat template, a configuration error) is logged as
+    that error's message, in one line, instead of the framework's traceback of it. Other
+    failures (bugs) keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Traceback (most recent call last):"):
+            return True
+        last = message.rstrip().rsplit("\n", 1)[-1]
+        kind, sep, text = last.partition(": ")
+        if sep and kind.startswith("inferbridge."):
+            record.msg = f"start-up failed: {text}"
+            record.args = None
+            record.exc_info = None
+        return True
+
+
+def logging_config(log_format: str, level: str) -> dict[str, Any]:
+    """`logs.logging_config` with `StartupFailure` on uvicorn's error logger."""
+    config = logs.logging_config(log_format, level)
+    config.setdefault("filters", {})["startup_failure"] = {"()": f"{__name__}.StartupFailure"}
+    config["loggers"]["uvicorn.error"]["filters"] = ["startup_failure"]
+    return config
 
 
 def run_server(config: Any) -> int:
@@ -310,10 +341,13 @@ def run_server(config: Any) -> int:
     server = uvicorn.Server(config)
     try:
         if config.workers > 1:
-            supervisor: dict[str, Any] = {"sockets": [sock]}
+            options: dict[str, Any] = {"sockets": [sock]}
             if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn < 0.36
-                supervisor["target"] = server.run
-            Multiprocess(config, **supervisor).run()
+                options["target"] = server.run
+            supervisor = Multiprocess(config, **options)
+            supervisor.run()
+            if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+                return STARTUP_FAILURE  # a worker's start-up failed: the parent stopped
         else:
             server.run(sockets=[sock])
     except KeyboardInterrupt:
@@ -321,5 +355,5 @@ def run_server(config: Any) -> int:
     finally:
         sock.close()
     if config.workers == 1 and not server.started:
-        return 3  # uvicorn's STARTUP_FAILURE: the app's start-up failed
+        return STARTUP_FAILURE
     return 0
