@@ -189,3 +189,23 @@ def test_what_the_server_would_refuse_is_refused_at_load(tmp_path, text, expecte
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     assert expected in str(info.value)
+
+
+def test_no_env_checks_a_file_whose_checked_values_are_variables(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "state:\n  store: redis\n  url: os.environ/REDIS_URL\n"
+        "models:\n  - {name: a, backend: vllm, url: os.environ/IB_URL}\n"
+        "  - {name: h, backend: h2ogpt, url: 'http://h:7860', auth: os.environ/H2OGPT_LOGIN}\n"
+    )
+    cfg = load_config(path, environ={}, require_env=False)
+    assert cfg.missing_env == ["H2OGPT_LOGIN", "IB_URL", "REDIS_URL"]
+    # a real value is still checked
+    with pytest.raises(ConfigError, match=r"c.yaml:3: state.url: .*must start with redis://"):
+        load_config(path, environ={"REDIS_URL": "http://x"}, require_env=False)
+
+
+def test_command_line_models_resolve_their_variables():
+    entry = {"name": "m", "backend": "openai", "api_key": "os.environ/OPENAI_API_KEY"}
+    cfg = load_config(overrides={"models": [entry]}, environ={"OPENAI_API_KEY": "sk-env"})
+    assert cfg.models[0].api_key == "sk-env"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -34,7 +34,16 @@ from inferbridge.config_models import (  # re-exported: `inferbridge.config` is 
     StateConfig,
     TLSConfig,
 )
-from inferbridge.config_source import ConfigError, Source, did_you_mean, dotted, resolve_env
+from inferbridge.config_source import (
+    ConfigError,
+    Location,
+    Source,
+    did_you_mean,
+    dotted,
+    resolve_env,
+)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -156,7 +165,11 @@ def load_config(
     source = Source.read(path) if data is None and path is not None else Source(None, {}, {})
     if data is None:
         data = source.data
+    cli_models = (overrides or {}).get("models")
+    if cli_models is not None:  # a one-backend start replaces the file's models
+        data = {**data, "models": cli_models}
     data, missing = resolve_env(data, env)
+    stand_ins = StandIns(missing)
     if missing and require_env:
         raise ConfigError(
             "environment variables the config names are not set:\n  "
@@ -164,8 +177,7 @@ def load_config(
         )
     for layer in (env_overrides(env), overrides or {}):
         for section, values in layer.items():
-            if section == "models":  # a one-backend start replaces the file's models
-                data["models"] = values
+            if section == "models":  # resolved above, with the file
                 continue
             merged = dict(data.get(section) or {})
             merged.update(values)
@@ -179,7 +191,7 @@ def load_config(
 
     errors: list[str] = []
     try:
-        base = Config.model_validate({**data, "models": []})
+        base = stand_ins.validate(Config, {**data, "models": []}, ())
     except ValidationError as exc:
         errors.extend(_format_errors("", exc, source, ()))
         base = None
@@ -203,7 +215,7 @@ def load_config(
             )
             continue
         try:
-            deployments.append(cls.model_validate(entry))
+            deployments.append(stand_ins.validate(cls, entry, ("models", i)))
         except ValidationError as exc:
             errors.extend(_format_errors(f"{label}: ", exc, source, ("models", i)))
 
@@ -224,6 +236,45 @@ def load_config(
     for warning in shared_name_warnings(deployments):
         logging.getLogger("inferbridge").warning(warning)
     return base
+
+
+class StandIns:
+    """Values for unset `os.environ/` variables when a config is checked without its
+    secrets (`check --no-env`). Each starts as `<NAME>`; when a field refuses it (a URL
+    that must start with http://, a login that must be user:password), the next stand-in
+    is tried, so the rest of the file is still checked and the variable is only listed."""
+
+    FORMS = ("<{}>", "http://{}.invalid", "redis://{}.invalid", "{0}:{0}")
+
+    def __init__(self, missing: list[tuple[Location, str]]) -> None:
+        self.names = dict(missing)
+
+    def validate(self, cls: type[ModelT], data: dict[str, Any], base: Location) -> ModelT:
+        tried: dict[Location, int] = {}
+        while True:
+            try:
+                return cls.model_validate(data)
+            except ValidationError as exc:
+                locs = [(*base, *err["loc"]) for err in exc.errors()]
+                if not all(loc in self.names for loc in locs):
+                    raise
+                for loc in locs:
+                    tried[loc] = tried.get(loc, 0) + 1
+                    if tried[loc] >= len(self.FORMS):
+                        raise
+                    form = self.FORMS[tried[loc]]
+                    data = _replace(data, loc[len(base) :], form.format(self.names[loc]))
+
+
+def _replace(data: Any, loc: Location, value: Any) -> Any:
+    """A copy of `data` with the item at `loc` replaced."""
+    if not loc:
+        return value
+    head, rest = loc[0], loc[1:]
+    if isinstance(data, list):
+        assert isinstance(head, int)
+        return [_replace(v, rest, value) if i == head else v for i, v in enumerate(data)]
+    return {k: _replace(v, rest, value) if k == head else v for k, v in data.items()}
 
 
 def assign_ids(deployments: list[DeploymentConfig]) -> list[str]:

@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     FilePath,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -263,13 +264,18 @@ class StateConfig(BaseModel):
     sync_interval: float = Field(default=0.25, gt=0, le=5)
     """Seconds between two reads of the shared cooldowns and in-flight counts."""
 
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        redis = info.data.get("store") == "redis"
+        if value and redis and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
     @model_validator(mode="after")
     def _url(self) -> StateConfig:
-        if self.store == "redis":
-            if not self.url:
-                raise ValueError("store: redis needs url: (redis://host:6379/0)")
-            if not self.url.startswith(("redis://", "rediss://", "unix://")):
-                raise ValueError("url: must start with redis://, rediss:// or unix://")
+        if self.store == "redis" and not self.url:
+            raise ValueError("store: redis needs url: (redis://host:6379/0)")
         return self
 
 
