@@ -287,3 +287,36 @@ def test_a_start_up_failure_is_one_clear_line_not_a_traceback(workers):
     assert proc.returncode == 3
     assert "Traceback" not in out and "File " not in out
     assert "start-up failed: backend 'tgi' (notpl[0]) has no chat template" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "tgi", "--url", "http://h:1", "--model", "a", "--prompt-template",
+          "llama3"], "--prompt-template llama3: after the last --model"),
+        (["--config", "{file}", "--backend", "tgi", "--url", "http://h:1", "--model", "a"],
+         "but --config names one"),
+        (["--inference-server", "vllm:h:1", "--model", "a", "--model", "b"],
+         "--inference-server serves one model"),
+        (["--inference-server", "vllm:h:1", "--backend", "tgi", "--url", "http://h:1",
+          "--model", "a"], "--inference-server and --backend/--url"),
+        (["--inference-server", "", "--model", "a"], "--inference-server: empty"),
+    ],
+)  # fmt: skip
+def test_command_line_options_are_never_silently_ignored(tmp_path, capsys, args, message):
+    path = tmp_path / "f.yaml"
+    path.write_text("models: [{name: e, backend: echo}]\n")
+    args = [a.replace("{file}", str(path)) for a in args]
+    assert main(["serve", *args, "--print-config"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_config_named_by_the_environment_and_backend_options_conflict(
+    tmp_path, capsys, monkeypatch
+):
+    path = tmp_path / "f.yaml"
+    path.write_text("models: [{name: e, backend: echo}]\n")
+    monkeypatch.setenv("INFERBRIDGE_CONFIG", str(path))
+    args = ["serve", "--backend", "tgi", "--url", "http://h:1", "--model", "a", "--print-config"]
+    assert main(args) == 2
+    assert "INFERBRIDGE_CONFIG names one" in capsys.readouterr().err

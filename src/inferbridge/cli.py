@@ -36,6 +36,23 @@ def default_config() -> str | None:
     return DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None
 
 
+def config_origin(args: argparse.Namespace) -> str:
+    """Where the config file in use was named: the flag, the variable or the default."""
+    if getattr(args, "config_flag", False):
+        return "--config"
+    if os.environ.get("INFERBRIDGE_CONFIG"):
+        return "INFERBRIDGE_CONFIG"
+    return "the default config file"
+
+
+class ConfigFlag(argparse.Action):
+    """`--config FILE`, remembering that it was given on the command line."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        namespace.config = values
+        namespace.config_flag = True
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inferbridge", description="OpenAI-compatible proxy for LLM serving backends."
@@ -46,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config",
         "-c",
+        action=ConfigFlag,
         default=default_config(),
         help="YAML config file (default: $INFERBRIDGE_CONFIG, else /etc/inferbridge/config.yaml "
         "when it exists; none: serve the 'echo' model)",
@@ -83,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--prompt-template",
         action=Ordered,
-        help="chat template for raw-prompt backends (tgi, llamacpp, replicate, sagemaker)",
+        help="chat template for the --model options after it, on raw-prompt backends (tgi, "
+        "llamacpp, replicate, sagemaker)",
     )
     serve.add_argument(
         "--print-config",
@@ -151,14 +170,21 @@ class Ordered(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def model_entries(ordered: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """Config entries from `--backend B --url U --model M ...` (see `Ordered`)."""
     current: dict[str, str] = {}
     entries: list[dict[str, Any]] = []
+    trailing: list[str] = []  # options after the last --model: they would apply to none
     for dest, value in ordered:
         if dest != "model":
             current[dest] = value
+            trailing.append(f"{flag(dest)} {value}")
             continue
+        trailing = []
         if "backend" not in current:
             raise ConfigError(f"--model {value}: give --backend first (e.g. --backend vllm)")
         entry: dict[str, Any] = {"name": value, "backend": current["backend"]}
@@ -169,6 +195,12 @@ def model_entries(ordered: list[tuple[str, str]]) -> list[dict[str, Any]]:
         entries.append(entry)
     if current and not entries:
         raise ConfigError("--backend and --url need at least one --model NAME after them")
+    if trailing:
+        raise ConfigError(
+            f"{', '.join(trailing)}: after the last --model, so no model would use it; "
+            "options apply to the --model options written after them (e.g. --backend tgi "
+            "--url URL --prompt-template llama3 --model NAME)"
+        )
     return entries
 
 
@@ -180,7 +212,27 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
     out: dict[str, Any] = {"server": server} if server else {}
     spec = getattr(args, "inference_server", None)
-    if spec:
+    ordered = getattr(args, "ordered", None) or []
+    if (spec is not None or ordered) and getattr(args, "config", None):
+        raise ConfigError(
+            f"{'--inference-server' if spec is not None else '--backend/--model'} serve "
+            f"without a config file, but {config_origin(args)} names one ({args.config}): "
+            "use one or the other (models of a file go under its models:)"
+        )
+    if spec is not None:
+        if not spec.strip():
+            raise ConfigError("--inference-server: empty; give e.g. vllm:127.0.0.1:8000")
+        others = sorted({flag(d) for d, _ in ordered} - {"--model", "--prompt-template"})
+        if others:
+            raise ConfigError(
+                f"--inference-server and {'/'.join(others)} both describe the backend: "
+                "use one or the other"
+            )
+        if sum(1 for d, _ in ordered if d == "model") > 1:
+            raise ConfigError(
+                "--inference-server serves one model: give --model once (for several, use "
+                "--backend B --url U --model M1 --model M2)"
+            )
         if not args.model:
             raise ConfigError("--inference-server needs --model NAME (h2oGPT's --base_model)")
         try:
@@ -188,8 +240,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         except InferenceServerError as exc:
             raise ConfigError(str(exc)) from None
         out["models"] = [entry]
-    elif getattr(args, "ordered", None):
-        out["models"] = model_entries(args.ordered)
+    elif ordered:
+        out["models"] = model_entries(ordered)
     return out
 
 
