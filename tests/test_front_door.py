@@ -80,7 +80,84 @@ def test_the_key_is_checked_before_the_body_arrives(srv):
     answer = raw(srv, head, wait=5)
     assert answer.startswith(b"HTTP/1.1 401"), answer[:100]
     assert b"invalid_api_key" in answer
+    assert b"connection: close" in answer.lower()  # the unread body is not waited for
     assert time.monotonic() - started < 4
+
+
+def test_a_refused_unread_body_closes_the_connection(srv):
+    """After the 401 the server closes: a client trickling the body cannot keep it."""
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: 8000000\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+        sock.sendall(head)
+        received = b""
+        while chunk := sock.recv(65536):  # ends when the server closes; a timeout fails
+            received += chunk
+            if b"invalid_api_key" in received:
+                sock.sendall(b"x")  # trickling on does not keep the connection
+    assert received.startswith(b"HTTP/1.1 401")
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"model":"echo","messages":[{"role":"user","content":"\\ud800"}]}', "not valid JSON"),
+        (b'{"model":"echo","messages":[{"role":"user","content":"\xff"}]}', "not valid JSON"),
+        (
+            b'{"model":"echo","messages":[{"role":"user","content":"x"}],"e":'
+            + b"[" * 2000
+            + b"]" * 2000
+            + b"}",
+            "64 levels",
+        ),
+        (
+            b'{"model":"echo","messages":[{"role":"user","content":"x"}],"e":{"a":[1'
+            + b"0" * 30
+            + b"]}}",
+            "beyond 64 bits",
+        ),
+    ],
+)
+def test_bodies_no_backend_could_take_are_400(srv, body, words):
+    """Unpaired surrogates, bytes that are not UTF-8, nesting past any parser's limit and
+    integers past 64 bits: a 400 saying so, never a 500 or a cut stream."""
+    for stream in (False, True):
+        data = body.replace(b'"model"', b'"stream":true,"model"') if stream else body
+        r = httpx.post(
+            srv.url + "/v1/chat/completions",
+            content=data,
+            headers={"authorization": "Bearer sk-test", "content-type": "application/json"},
+            timeout=10,
+        )
+        assert r.status_code == 400, r.text
+        assert words in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"max_tokens": 10**30}, "max_tokens"),
+        ({"seed": 2**70}, "seed"),
+        ({"stop": [f"s{i}" for i in range(65)]}, "stop"),
+        ({"stop": "x" * 1001}, "stop"),
+    ],
+)
+def test_values_past_their_bounds_are_400_naming_the_field(srv, extra, param):
+    r = post(srv, {**CHAT, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_unknown_model_names_are_not_metric_labels_and_are_cut_in_messages(srv):
+    name = "nope\nX-Evil: 1" + "Z" * 5000
+    r = post(srv, {**CHAT, "model": name})
+    assert r.status_code == 404
+    message = r.json()["error"]["message"]
+    assert len(message) < 400 and "\\n" in message and "\n" not in message
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert "ZZZZ" not in metrics and "nope" not in metrics
 
 
 def test_a_body_that_stops_arriving_is_408_after_body_timeout(srv):
@@ -104,6 +181,7 @@ def test_other_methods_on_completion_routes_are_405_with_allow(srv, method):
         assert r.status_code == 405, (path, r.text)
         assert r.headers["allow"] == "POST"
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert r.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_a_body_nested_1000_deep_is_400_naming_the_limit(srv):
@@ -121,7 +199,7 @@ def test_a_body_nested_1000_deep_is_400_naming_the_limit(srv):
         timeout=10,
     )
     assert r.status_code == 400, r.text
-    assert "deep" in r.json()["error"]["message"] or "parsing" in r.json()["error"]["message"]
+    assert "64 levels" in r.json()["error"]["message"]
 
 
 def test_nesting_past_the_limit_but_parseable_is_400_naming_it(srv):
@@ -163,6 +241,18 @@ def test_the_echo_model_accepts_any_parameter_and_names_what_it_ignored(srv):
         "langchain_action",
         "top_k",
     }
+
+
+def test_ignored_parameter_names_a_header_cannot_carry_are_counted(srv):
+    """The names are the client's: CR/LF, non-Latin-1 and thousands of them cannot break
+    the answer or its header."""
+    odd = {"a\r\nSet-Cookie: x": 1, "ключ": 2, **{f"k{i}": i for i in range(40)}}
+    for stream in (False, True):
+        r = post(srv, {**CHAT, "stream": stream, **odd})
+        assert r.status_code == 200, r.text
+        ignored = r.headers["x-inferbridge-ignored-params"]
+        assert ignored.startswith("k0, k1") and ignored.endswith("26 more"), ignored
+        assert "set-cookie" not in r.headers
 
 
 def test_no_system_fingerprint_when_the_backend_gives_none(srv):

@@ -141,6 +141,10 @@ def answer_error(request: Request, err: InferbridgeError) -> Response:
     return error_response(err, request_id_of(request))
 
 
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+"""The envelope's `code` for the framework's own errors (an unknown path, a wrong method)."""
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """Every error a client sees is an OpenAI envelope (Anthropic's on `/v1/messages*`)."""
 
@@ -161,6 +165,7 @@ def add_error_handlers(app: FastAPI) -> None:
             detail = f"{detail}: {request.method} {request.url.path}"
         err = InferbridgeError(detail, status=exc.status_code, headers=exc.headers)
         err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        err.code = HTTP_CODES.get(exc.status_code)
         return answer_error(request, err)
 
     @app.exception_handler(Exception)

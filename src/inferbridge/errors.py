@@ -93,7 +93,15 @@ class ModelNotFound(InferbridgeError):
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"The model '{model}' does not exist.", param="model")
+        super().__init__(f"The model '{shown_name(model)}' does not exist.", param="model")
+
+
+def shown_name(name: str, limit: int = 200) -> str:
+    """A client-given name as an error message repeats it: control characters escaped,
+    at most `limit` characters."""
+    if not name.isprintable():
+        name = name.encode("unicode_escape").decode("ascii")
+    return name if len(name) <= limit else name[:limit] + "..."
 
 
 class NotFound(InferbridgeError):

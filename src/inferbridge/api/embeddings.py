@@ -14,23 +14,15 @@ Embeddings are never streamed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, NotRequired
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
-from pydantic import (
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidatorFunctionWrapHandler,
-    WrapValidator,
-    with_config,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import ConfigDict, Field, with_config
 from typing_extensions import TypedDict
 
-from inferbridge.api.protocol import check_depth
+from inferbridge.api.protocol import check_values, one_error
 from inferbridge.api.serving import CompletionService, error_response
 from inferbridge.backends.embedding import encode_base64
 from inferbridge.errors import InferbridgeError, InvalidRequest, UpstreamError
@@ -38,18 +30,12 @@ from inferbridge.events import Embeddings, Event
 from inferbridge.request import InferenceRequest
 
 TokenIds = list[Annotated[int, Field(ge=0, lt=2**31)]]
+MAX_INPUTS = 2048
+"""Inputs one request may embed (OpenAI's limit too)."""
 INPUT_SHAPES = (
     "must be a string, an array of strings, an array of token ids (integers from 0) or an "
     "array of arrays of token ids"
 )
-
-
-def _one_message(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-    """One error naming every accepted shape, instead of the first branch's ("a string")."""
-    try:
-        return handler(value)
-    except ValidationError:
-        raise PydanticCustomError("invalid_input", INPUT_SHAPES) from None
 
 
 @with_config(ConfigDict(extra="allow", strict=True))
@@ -58,7 +44,7 @@ class EmbeddingRequest(TypedDict):
     OpenAI-compatible backends, understood by some others, refused by the rest)."""
 
     model: Annotated[str, Field(min_length=1)]
-    input: Annotated[str | list[str] | TokenIds | list[TokenIds], WrapValidator(_one_message)]
+    input: Annotated[str | list[str] | TokenIds | list[TokenIds], one_error(INPUT_SHAPES)]
     """A text, a list of texts, a list of token ids, or a list of such lists."""
     encoding_format: NotRequired[Literal["float", "base64"] | None]
     dimensions: NotRequired[Annotated[int, Field(ge=1)] | None]
@@ -73,18 +59,25 @@ def build_embedding_request(body: dict[str, Any]) -> InferenceRequest:
     """An `InferenceRequest` of kind "embedding" from a body validated against
     `EmbeddingRequest`: inputs as a list (each a text or a list of token ids), `dimensions`
     and `user` in `params`, unknown fields in `extras`."""
-    check_depth(body)
     raw = body["input"]
     single = isinstance(raw, str) or (bool(raw) and isinstance(raw[0], int))
     if not raw and not single:
         raise InvalidRequest("'input' must not be an empty list.", param="input")
     inputs: list[Any] = [raw] if single else list(raw)  # token ids: one input
+    if len(inputs) > MAX_INPUTS:
+        raise InvalidRequest(
+            f"'input' holds {len(inputs)} items; at most {MAX_INPUTS} are accepted in one "
+            "request.",
+            param="input",
+        )
     for i, item in enumerate(inputs):
         if not item:
             where = "input" if single else f"input[{i}]"
             raise InvalidRequest(f"'{where}' must not be empty.", param=where)
     params = {k: body[k] for k in _PARAMS if body.get(k) is not None}
     extras = {k: v for k, v in body.items() if k not in _FIELDS and v is not None}
+    if extras:
+        check_values(extras)
     return InferenceRequest(
         kind="embedding",
         model=body["model"],
@@ -100,6 +93,7 @@ class EmbeddingsRenderer:
     an embeddings request is never streamed, so the stream methods are never called)."""
 
     media_type = "application/json"
+    param_names: Mapping[str, str] = {}
 
     def __init__(self, request: InferenceRequest, choices: int, keep_text: bool) -> None:
         self.request = request

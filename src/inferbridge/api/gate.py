@@ -8,7 +8,9 @@
 - for POST requests: the content type must be JSON (415), and a
   declared `content-length` must be within `server.max_body_bytes` (413).
 Then it reads the body itself, bounded in size (413) and in time (`server.body_timeout`,
-408), and hands the route the whole body.
+408), checks that it is JSON (400: malformed, not UTF-8, unpaired surrogates, nested too
+deep), and hands the route the whole body. A request refused before its body was read
+is answered with `connection: close`.
 
 Health, metrics and the API documentation are public; every other path needs the key
 when keys are configured. Errors use the OpenAI envelope, or Anthropic's on the Anthropic
@@ -19,15 +21,18 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from inferbridge import ids
 from inferbridge.api.anthropic.errors import error_body as anthropic_error_body
 from inferbridge.api.anthropic.errors import is_anthropic_path
+from inferbridge.api.protocol import check_values, too_deep
 from inferbridge.errors import (
     HeadersTooLarge,
     InferbridgeError,
+    InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
     UnsupportedMediaType,
@@ -58,6 +63,26 @@ def is_json(content_type: str | None) -> bool:
     if not content_type:
         return False
     return content_type.split(";", 1)[0].strip().lower() == "application/json"
+
+
+def has_body(headers: Headers) -> bool:
+    """The request announces a body (a non-zero `content-length`, or chunks)."""
+    length = headers.get("content-length")
+    return "transfer-encoding" in headers or (length is not None and length.strip("0") != "")
+
+
+def check_json(body: bytes) -> None:
+    """A 400 for a body that is not JSON (malformed, not UTF-8, an unpaired surrogate), that
+    nests too deep or that holds an integer beyond 64 bits (`check_values`)."""
+    if not body:
+        return  # the route says the body is missing
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):
+            raise too_deep() from None
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    check_values(value)
 
 
 def request_id_of(headers: Headers) -> str:
@@ -117,20 +142,21 @@ class RequestGate:
         if scope["path"] in self.public or scope["path"].startswith(DOCS_ASSETS):
             await self.app(scope, receive, send)
             return
+        body: bytes | None = None
         try:
             scope["state"][IDENTITY] = self.gateway.authenticate(
                 headers.get("authorization"), headers.get("api-key") or headers.get("x-api-key")
             )
             if scope["method"] in BODY_METHODS:
                 body = await self.read_body(headers, receive)
-            else:
-                body = None
+                check_json(body)
         except _ClientLeft:
             self.rejected(scope, request_id)
             return
         except InferbridgeError as exc:
             self.rejected(scope, request_id, exc)
-            close = isinstance(exc, PayloadTooLarge | RequestTimeout)
+            # a body refused unread (or too slow) is not read on: the connection closes
+            close = body is None and has_body(headers)
             await send_error(send, exc, request_id, close=close, path=scope["path"])
             return
         if body is not None:

@@ -16,7 +16,17 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal, NotRequired
 
 import orjson
-from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    with_config,
+)
+from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from inferbridge.errors import InvalidRequest
@@ -25,6 +35,8 @@ from inferbridge.request import InferenceRequest, Kind
 # Every schema is a TypedDict validated by pydantic: the same checks and error locations as
 # models, without building an object per message (the body is used as parsed, as a dict).
 _open = with_config(ConfigDict(extra="allow", strict=True))
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+"""A token id, in a prompt given as tokens."""
 
 
 # -- messages -------------------------------------------------------------------------------
@@ -194,7 +206,32 @@ class StreamOptions(TypedDict):
     include_usage: NotRequired[bool | None]
 
 
-Stop = str | list[str]
+MAX_STOPS = 64
+"""Stop sequences a request may give (OpenAI takes 4; local servers take more)."""
+MAX_STOP_CHARS = 1_000
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
+def one_error(message: str) -> WrapValidator:
+    """A validator that reports any failure of a union as one error, `message` (naming
+    every accepted shape), instead of the first branch's ("a valid string")."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("invalid_value", message) from None
+
+    return WrapValidator(validate)
+
+
+Stop = Annotated[
+    StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)],
+    one_error(
+        f"must be a string or an array of at most {MAX_STOPS} strings, each at most "
+        f"{MAX_STOP_CHARS} characters"
+    ),
+]
 Unit = Annotated[float, Field(ge=0, le=1)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 
@@ -206,7 +243,7 @@ class _Common(TypedDict):
     top_p: NotRequired[Unit | None]
     n: NotRequired[Annotated[int, Field(ge=1, le=128)] | None]
     stop: NotRequired[Stop | None]
-    seed: NotRequired[int | None]
+    seed: NotRequired[Annotated[int, Field(ge=-(2**63), lt=2**63)] | None]
     presence_penalty: NotRequired[Penalty | None]
     frequency_penalty: NotRequired[Penalty | None]
     logit_bias: NotRequired[dict[str, float] | None]
@@ -226,8 +263,8 @@ class ChatCompletionRequest(_Common):
     """`POST /v1/chat/completions`."""
 
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_tokens: NotRequired[Annotated[int, Field(ge=1)] | None]
-    max_completion_tokens: NotRequired[Annotated[int, Field(ge=1)] | None]
+    max_tokens: NotRequired[Annotated[int, Field(ge=1, lt=2**31)] | None]
+    max_completion_tokens: NotRequired[Annotated[int, Field(ge=1, lt=2**31)] | None]
     logprobs: NotRequired[bool | None]
     top_logprobs: NotRequired[Annotated[int, Field(ge=0, le=20)] | None]
     response_format: NotRequired[CheckedResponseFormat | None]
@@ -248,8 +285,8 @@ class ChatCompletionRequest(_Common):
 class CompletionRequest(_Common):
     """`POST /v1/completions` (legacy)."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: NotRequired[Annotated[int, Field(ge=0)] | None]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: NotRequired[Annotated[int, Field(ge=0, lt=2**31)] | None]
     suffix: NotRequired[str | None]
     echo: NotRequired[bool | None]
     best_of: NotRequired[Annotated[int, Field(ge=0, le=20)] | None]
@@ -434,22 +471,35 @@ MAX_JSON_DEPTH = 64
 """How deeply a request body's objects and arrays may nest."""
 
 
-def check_depth(data: Any, limit: int = MAX_JSON_DEPTH) -> None:
-    """A 400 when `data` nests objects or arrays more than `limit` levels deep."""
+INT_RANGE = range(-(2**63), 2**64)
+"""Integers JSON encoders and upstream servers take (64 bits, signed or not)."""
+
+
+def too_deep(limit: int = MAX_JSON_DEPTH) -> InvalidRequest:
+    return InvalidRequest(
+        f"The request body nests objects or arrays more than {limit} levels deep."
+    )
+
+
+def check_values(data: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    """A 400 when `data` nests objects or arrays more than `limit` levels deep, or holds an
+    integer beyond 64 bits."""
     level: list[Any] = [data]
     depth = 0
     while level:
         depth += 1
         if depth > limit:
-            raise InvalidRequest(
-                f"The request body nests objects or arrays more than {limit} levels deep."
-            )
+            raise too_deep(limit)
         below: list[Any] = []
         for value in level:
-            if isinstance(value, dict):
-                below.extend(v for v in value.values() if isinstance(v, dict | list))
-            elif isinstance(value, list):
-                below.extend(v for v in value if isinstance(v, dict | list))
+            values = value.values() if isinstance(value, dict) else value
+            for v in values:
+                if isinstance(v, dict | list):
+                    below.append(v)
+                elif type(v) is int and v not in INT_RANGE:
+                    raise InvalidRequest(
+                        f"The request body holds an integer beyond 64 bits ({str(v)[:24]}...)."
+                    )
         level = below
 
 
@@ -472,8 +522,8 @@ def check_tool_choice(choice: Any, tools: Sequence[dict[str, Any]]) -> None:
 
 
 def normalize(kind: Kind, data: dict[str, Any]) -> InferenceRequest:
-    """An `InferenceRequest` from a body already validated against `SCHEMAS[kind]`."""
-    check_depth(data)
+    """An `InferenceRequest` from a body already validated against `SCHEMAS[kind]` (and
+    checked by `check_values` at the door)."""
     fields = _CHAT_FIELDS if kind == "chat" else _COMPLETION_FIELDS
     params: dict[str, Any] = {}
     extras: dict[str, Any] = {}
@@ -494,6 +544,8 @@ def normalize(kind: Kind, data: dict[str, Any]) -> InferenceRequest:
     prompt = data.get("prompt")
     if kind == "completion" and isinstance(prompt, list) and not prompt:
         raise InvalidRequest("'prompt' must not be an empty list.", param="prompt")
+    if extras:  # fields no schema bounds (the declared ones are bounded by theirs)
+        check_values(extras)
     if kind == "chat" and "tool_choice" in params:
         check_tool_choice(params["tool_choice"], params.get("tools") or ())
     return InferenceRequest(

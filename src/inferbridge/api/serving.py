@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -100,6 +101,21 @@ def internal_error(request_id: str) -> InferbridgeError:
     return InferbridgeError(f"Internal error in inferbridge (request id {request_id}).")
 
 
+SAFE_PARAM = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,64}")
+MAX_NAMED = 16
+"""Ignored parameters named in the header at most (the rest are counted)."""
+
+
+def ignored_header(ignored: Sequence[str], names: Mapping[str, str]) -> str:
+    """`x-inferbridge-ignored-params`: the names (the dialect's) of ignored parameters;
+    names a header cannot carry safely (the client chose them) are counted, not shown."""
+    unique = list(dict.fromkeys(names.get(name, name) for name in ignored))
+    shown = [name for name in unique if SAFE_PARAM.fullmatch(name)][:MAX_NAMED]
+    if len(unique) > len(shown):
+        shown.append(f"{len(unique) - len(shown)} more")
+    return ", ".join(shown)
+
+
 class Exchange:
     """One request in flight: what the service needs to answer it and to record it."""
 
@@ -118,9 +134,10 @@ class Exchange:
         self.error: Exception | None = None
         self.admission = admission
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, names: Mapping[str, str]) -> dict[str, str]:
         """x-request-id, x-inferbridge-model (the model that answered, after fallbacks) and
-        x-inferbridge-overhead-ms, computed when the response headers leave."""
+        x-inferbridge-overhead-ms, computed when the response headers leave; the ignored
+        parameters, by the dialect's `names` for them."""
         overhead = self.timer.overhead = self.timer.overhead_so_far()
         headers = {
             "x-request-id": self.request.request_id,
@@ -128,7 +145,7 @@ class Exchange:
             "x-inferbridge-overhead-ms": f"{overhead * 1000:.3f}",
         }
         if self.route.ignored:
-            headers["x-inferbridge-ignored-params"] = ", ".join(dict.fromkeys(self.route.ignored))
+            headers["x-inferbridge-ignored-params"] = ignored_header(self.route.ignored, names)
         if self.admission.headers:  # x-ratelimit-* of the key's and model's limits
             headers.update(self.admission.headers)
         return headers
@@ -164,6 +181,8 @@ class Renderer(Protocol):
 
     media_type: str
     """The stream's content type."""
+    param_names: Mapping[str, str]
+    """Chat parameter -> the dialect's name for it (for `x-inferbridge-ignored-params`)."""
 
     def __init__(self, request: InferenceRequest, choices: int, keep_text: bool) -> None: ...
 
@@ -205,6 +224,7 @@ class ChatRenderer:
     `ResponseAssembler` objects (they share one `ChoiceTracker`, so both agree)."""
 
     media_type = SSE_MEDIA_TYPE
+    param_names: Mapping[str, str] = {}
 
     def __init__(self, request: InferenceRequest, choices: int, keep_text: bool) -> None:
         self.request = request
@@ -330,7 +350,7 @@ class CompletionService:
             render.add(batch)
         timer.last = _now()
         body, extra = render.result()
-        headers = {**ex.headers(), **extra}
+        headers = {**ex.headers(render.param_names), **extra}
         timer.status = 200
         return Response(orjson.dumps(body), 200, headers, media_type="application/json")
 
@@ -340,7 +360,7 @@ class CompletionService:
         ex.timer.status = 200
         return StreamingResponse(
             self._chunks(ex, stream, render, first),
-            headers={**SSE_HEADERS, **ex.headers()},
+            headers={**SSE_HEADERS, **ex.headers(render.param_names)},
             media_type=render.media_type,
         )
 

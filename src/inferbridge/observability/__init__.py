@@ -85,6 +85,9 @@ DRAIN_DELAY = 0.02  # seconds a finished request waits for its metrics and acces
 DRAIN_MAX = 256  # finished requests kept at most before they are drained
 
 
+MAX_LOGGED_NAME = 200
+"""Characters of a client-given model name an access-log line keeps."""
+
 class Observability:
     """One per process: the metrics and the access log. With a `router`, `/metrics` also
     shows each deployment's state, requests in flight and queued, read when it is scraped."""
@@ -168,9 +171,11 @@ class Observability:
         if code not in ERROR_CODES:
             code = classify(error, status)[0] if error is not None else code_for_status(status)
         m.inc(m.rejected, (str(status),))
-        m.inc(m.errors, (model or "", code))
+        # a name no model has is the client's text: not a label (each would be a series)
+        m.inc(m.errors, ("" if code == "model_not_found" else model or "", code))
         if self.access_enabled:
-            self._line(status, code, path, method, request_id, model, started)
+            shown = model[:MAX_LOGGED_NAME] if model else model
+            self._line(status, code, path, method, request_id, shown, started)
 
     def answered(
         self,

@@ -37,6 +37,7 @@ from starlette.responses import Response
 
 from inferbridge import ids
 from inferbridge.api.anthropic.errors import error_response, error_type
+from inferbridge.api.anthropic.schema import ANTHROPIC_NAME
 from inferbridge.api.responses import ChoiceTracker
 from inferbridge.api.serving import SSE_MEDIA_TYPE
 from inferbridge.errors import InferbridgeError
@@ -77,6 +78,7 @@ class MessagesRenderer:
     """The Anthropic Messages dialect (a `Renderer`, see `inferbridge.api.serving`)."""
 
     media_type = SSE_MEDIA_TYPE
+    param_names = ANTHROPIC_NAME
     heartbeat: float | None = 15.0
     """Seconds without a batch after which a stream gets a `ping` event."""
 

@@ -30,7 +30,7 @@ import orjson
 from pydantic import ConfigDict, Field, with_config
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
-from inferbridge.api.protocol import normalize
+from inferbridge.api.protocol import MAX_STOPS, StopString, normalize
 from inferbridge.errors import InvalidRequest
 from inferbridge.request import InferenceRequest
 
@@ -184,8 +184,8 @@ class CountTokensRequest(TypedDict):
 class MessagesRequest(CountTokensRequest):
     """`POST /v1/messages`."""
 
-    max_tokens: Annotated[int, Field(ge=1)]
-    stop_sequences: NotRequired[list[str]]
+    max_tokens: Annotated[int, Field(ge=1, lt=2**31)]
+    stop_sequences: NotRequired[Annotated[list[StopString], Field(max_length=MAX_STOPS)]]
     temperature: NotRequired[Annotated[float, Field(ge=0, le=1)]]
     top_p: NotRequired[Annotated[float, Field(ge=0, le=1)]]
     top_k: NotRequired[Annotated[int, Field(ge=0)]]
@@ -283,6 +283,14 @@ def invalid_body(errors: Sequence[Any]) -> InvalidRequest:
 
 
 # -- translation ----------------------------------------------------------------------------
+ANTHROPIC_NAME = {
+    "stop": "stop_sequences",
+    "user": "metadata.user_id",
+    "parallel_tool_calls": "tool_choice.disable_parallel_tool_use",
+}
+"""Chat parameter -> the Messages field it came from (for `x-inferbridge-ignored-params`)."""
+
+
 def _refuse(path: str, message: str) -> InvalidRequest:
     return InvalidRequest(f"{path}: {message}", param=path)
 

@@ -177,6 +177,7 @@ class ResponsesRenderer:
     """One `/v1/responses` answer (see module doc). `shell` is `response_shell(...)`."""
 
     media_type = SSE_MEDIA_TYPE
+    param_names = RESPONSES_NAME
 
     def __init__(
         self,

@@ -260,7 +260,7 @@ class ResponsesRequest(TypedDict):
     model: Annotated[str, Field(min_length=1)]
     input: NotRequired[Input | None]
     instructions: NotRequired[str | None]
-    max_output_tokens: NotRequired[Annotated[int, Field(ge=1)] | None]
+    max_output_tokens: NotRequired[Annotated[int, Field(ge=1, lt=2**31)] | None]
     temperature: NotRequired[Annotated[float, Field(ge=0, le=2)] | None]
     top_p: NotRequired[Annotated[float, Field(ge=0, le=1)] | None]
     top_logprobs: NotRequired[Annotated[int, Field(ge=0, le=20)] | None]
