@@ -21,7 +21,6 @@ import ollama
 import openai
 import pytest
 
-from inferbridge.app import create_app
 from inferbridge.backends.echo import echo_vector
 from inferbridge.backends.embedding import decode_base64, encode_base64
 from inferbridge.config import load_config
@@ -272,21 +271,20 @@ def test_echo_ignores_unknown_fields_and_says_so(server: InferbridgeServer) -> N
 
 # -- config ---------------------------------------------------------------------------------
 def test_mode_config_errors() -> None:
-    mixed = load_config(
-        data={
-            "models": [
-                {"name": "m", "backend": "echo"},
-                {"name": "m", "backend": "echo", "mode": "chat"},
-            ]
-        }
-    )
+    """Found when the config is loaded (so `inferbridge check` reports them too)."""
     with pytest.raises(ConfigError, match="give them one mode"):
-        create_app(mixed)
-    tgi = load_config(
-        data={"models": [{"name": "t", "backend": "tgi", "url": "http://x", "mode": "both"}]}
-    )
+        load_config(
+            data={
+                "models": [
+                    {"name": "m", "backend": "echo"},
+                    {"name": "m", "backend": "echo", "mode": "chat"},
+                ]
+            }
+        )
     with pytest.raises(ConfigError, match="cannot serve embeddings"):
-        create_app(tgi)
+        load_config(
+            data={"models": [{"name": "t", "backend": "tgi", "url": "http://x", "mode": "both"}]}
+        )
     with pytest.raises(ConfigError):
         load_config(data={"models": [{"name": "e", "backend": "echo", "mode": "vectors"}]})
     with pytest.raises(ConfigError):
