@@ -209,3 +209,20 @@ def test_command_line_models_resolve_their_variables():
     entry = {"name": "m", "backend": "openai", "api_key": "os.environ/OPENAI_API_KEY"}
     cfg = load_config(overrides={"models": [entry]}, environ={"OPENAI_API_KEY": "sk-env"})
     assert cfg.models[0].api_key == "sk-env"
+
+
+def test_shell_style_variables_are_reported_with_file_and_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("auth:\n  api_keys: ['${INFERBRIDGE_API_KEY}']\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:2: auth\.api_keys\[0\]: did you mean"):
+        load_config(path, environ={})
+
+
+def test_an_invalid_value_from_the_environment_names_the_variable(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("server:\n  log_level: info\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={"INFERBRIDGE_LOG_LEVEL": "verbose"})
+    assert "server.log_level:" in str(info.value)
+    assert "(got 'verbose' from INFERBRIDGE_LOG_LEVEL)" in str(info.value)
+    assert "c.yaml:2" not in str(info.value)  # the file's value is not the one at fault

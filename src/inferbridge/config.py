@@ -64,12 +64,24 @@ __all__ = [
 ]
 
 
-def _format_errors(prefix: str, exc: ValidationError, source: Source, base: tuple) -> list[str]:
+def _format_errors(
+    prefix: str,
+    exc: ValidationError,
+    source: Source,
+    base: tuple,
+    origins: dict[Location, str] | None = None,
+) -> list[str]:
     """One line per pydantic error: `file:line: prefix field: message`, with a suggestion
-    for an unknown key."""
+    for an unknown key. A value that came from an environment variable or a command-line
+    option (`origins`) is said to come from there instead of from the file."""
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
+        origin = (origins or {}).get((*base, *loc)[:2])
+        if origin is not None:
+            message = f"{err['msg']} (got {err['input']!r} from {origin})"
+            lines.append(f"{prefix}{dotted(loc)}: {message}")
+            continue
         message = err["msg"]
         if err["type"] == "extra_forbidden" and loc:
             message = f"unknown key{did_you_mean(str(loc[-1]), known_keys())}"
@@ -103,6 +115,10 @@ def known_keys() -> set[str]:
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 keys.update(annotation.model_fields)
     return keys
+
+
+ENV_NAMES = {"api_keys": "INFERBRIDGE_API_KEYS", "enabled": "INFERBRIDGE_AUTH"}
+"""The variables of `env_overrides` not named `INFERBRIDGE_<KEY>`."""
 
 
 def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -168,14 +184,28 @@ def load_config(
     cli_models = (overrides or {}).get("models")
     if cli_models is not None:  # a one-backend start replaces the file's models
         data = {**data, "models": cli_models}
-    data, missing = resolve_env(data, env)
+    data, missing = resolve_env(data, env, source.where)
     stand_ins = StandIns(missing)
     if missing and require_env:
         raise ConfigError(
             "environment variables the config names are not set:\n  "
             + "\n  ".join(f"{source.where(loc)}{dotted(loc)}: {name}" for loc, name in missing)
         )
-    for layer in (env_overrides(env), overrides or {}):
+    from_env = env_overrides(env)
+    origins: dict[Location, str] = {
+        (section, key): ENV_NAMES.get(key, f"INFERBRIDGE_{key.upper()}")
+        for section, values in from_env.items()
+        for key in values
+    }
+    origins.update(
+        {
+            (section, key): "--" + key.replace("_", "-")
+            for section, values in (overrides or {}).items()
+            if section != "models"
+            for key in values
+        }
+    )
+    for layer in (from_env, overrides or {}):
         for section, values in layer.items():
             if section == "models":  # resolved above, with the file
                 continue
@@ -193,7 +223,7 @@ def load_config(
     try:
         base = stand_ins.validate(Config, {**data, "models": []}, ())
     except ValidationError as exc:
-        errors.extend(_format_errors("", exc, source, ()))
+        errors.extend(_format_errors("", exc, source, (), origins))
         base = None
 
     deployments: list[DeploymentConfig] = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +95,18 @@ def dotted(loc: Iterable[str | int]) -> str:
     return out
 
 
-def resolve_env(value: Any, environ: Mapping[str, str]) -> tuple[Any, list[tuple[Location, str]]]:
+def resolve_env(
+    value: Any, environ: Mapping[str, str], where: Callable[[Location], str] | None = None
+) -> tuple[Any, list[tuple[Location, str]]]:
     """Replace every `os.environ/NAME` at any depth by that variable, or when it is unset
     and `NAME_FILE` is set, by the content of the file `NAME_FILE` names (as Docker secrets
     are mounted); `os.environ_file/NAME` is always the content of the file NAME names.
 
     Returns the resolved value and every (location, variable) that is unset, so all of
     them can be reported at once; an unset one resolves to a stand-in `<NAME>` (so a
-    config can be validated without its secrets)."""
+    config can be validated without its secrets). `where` gives the `file:line: ` of a
+    location for messages (`Source.where`)."""
+    place = where or (lambda loc: "")
     missing: list[tuple[Location, str]] = []
     shell_style: list[tuple[Location, str]] = []
 
@@ -113,7 +117,7 @@ def resolve_env(value: Any, environ: Mapping[str, str]) -> tuple[Any, list[tuple
                 if name in environ:
                     return environ[name]
                 if f"{name}_FILE" in environ:  # Docker's convention for secrets
-                    return read_secret(environ, f"{name}_FILE", loc)
+                    return read_secret(environ, f"{name}_FILE", loc, place(loc))
                 missing.append((loc, name))
                 return f"<{name}>"
             if v.startswith(FILE_PREFIX):
@@ -121,7 +125,7 @@ def resolve_env(value: Any, environ: Mapping[str, str]) -> tuple[Any, list[tuple
                 if name not in environ:
                     missing.append((loc, name))
                     return f"<{name}>"
-                return read_secret(environ, name, loc)
+                return read_secret(environ, name, loc, place(loc))
             found = _SHELL_STYLE.search(v)
             if found:
                 shell_style.append((loc, found.group(1)))
@@ -137,18 +141,22 @@ def resolve_env(value: Any, environ: Mapping[str, str]) -> tuple[Any, list[tuple
         raise ConfigError(
             "variables are written os.environ/NAME in inferbridge's config, not ${NAME}:\n  "
             + "\n  ".join(
-                f"{dotted(loc)}: did you mean os.environ/{name}?" for loc, name in shell_style
+                f"{place(loc)}{dotted(loc)}: did you mean os.environ/{name}?"
+                for loc, name in shell_style
             )
         )
     return resolved, missing
 
 
-def read_secret(environ: Mapping[str, str], name: str, loc: Location) -> str:
-    """The content of the file that variable `name` names (a mounted secret)."""
+def read_secret(environ: Mapping[str, str], name: str, loc: Location, where: str = "") -> str:
+    """The content of the file that variable `name` names (a mounted secret); `where` is
+    the `file:line: ` of `loc` for the message."""
     try:
         return Path(environ[name]).read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ConfigError(f"{dotted(loc)}: cannot read the file {name} names: {exc}") from None
+        raise ConfigError(
+            f"{where}{dotted(loc)}: cannot read the file {name} names: {exc}"
+        ) from None
 
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:
