@@ -99,6 +99,43 @@ def test_retryable_status_is_retried_elsewhere(serve, fakes, status):
     assert (bad.served, good.served) == (1, 1)
 
 
+@pytest.mark.parametrize("status", [401, 403, 404, 405])
+def test_a_refusal_caused_by_the_deployment_is_retried_elsewhere(serve, fakes, status):
+    """401/403 (the entry's upstream key), 404 (its path or model), 405 (its path): the
+    deployment's fault, not the client's, refused before any generation."""
+    bad, good = fakes(2)
+    bad.behaviour.status = status
+    srv = serve({"models": [entry(bad, weight=1000), entry(good, weight=0.001)]})
+    for stream in (False, True):
+        assert chat(srv, stream) == (ANSWER, "m")
+    assert good.served == 2
+
+
+def test_a_deployment_without_its_base_path_is_retried_then_a_502_naming_it(serve, fakes):
+    """`url` without `/v1`: the upstream answers 404 to every request. The other deployment
+    answers them all; alone, the deployment fails with a 502 naming it (never its URL),
+    counted as an upstream error."""
+    good, lone = fakes(2)
+    srv = serve(
+        {
+            "router": {"retry_backoff": 0.01, "allowed_fails": 100},
+            "models": [entry(good.url), entry(good), entry(lone.url, "alone")],
+        }
+    )
+    for _ in range(8):
+        assert chat(srv) == (ANSWER, "m")
+    assert good.served == 8
+    with pytest.raises(openai.InternalServerError) as info:
+        chat(srv, stream=True, model="alone")
+    assert info.value.status_code == 502
+    assert info.value.code == "deployment_misconfigured"
+    assert "- backend 'vllm' (alone[0]) failed with HTTP 404: " in info.value.message
+    assert "127.0.0.1" not in info.value.message and "http" not in info.value.message
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert 'model="alone",outcome="upstream_error"' in metrics
+    assert 'model="alone",outcome="client_error"' not in metrics
+
+
 def test_request_rejected_by_the_backend_is_not_retried(serve, fakes):
     bad, good = fakes(2)
     bad.behaviour.status = 400

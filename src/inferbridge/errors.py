@@ -198,3 +198,26 @@ class UpstreamRejected(UpstreamError):
 
     def __init__(self, message: str, *, status: int, **kw: Any) -> None:
         super().__init__(message, status=status, **kw)
+
+
+class UpstreamNotServed(UpstreamRejected):
+    """The upstream answered 404: nothing is served at the entry's path, or not its model
+    (`url` without `/v1`, an Ollama model not pulled, an Azure deployment that does not
+    exist). That is the deployment's configuration, not the client's request: retried on
+    the model's other deployments like any upstream failure, and answered as `failure()`,
+    a 502 naming the deployment. Adapters still see the upstream's status (a 404 from a
+    route a server may lack tells them something)."""
+
+    retryable = True
+
+    def __init__(self, detail: str, *, status: int, backend: str, **kw: Any) -> None:
+        super().__init__(f"{detail} (from {backend})", status=status, backend=backend, **kw)
+        self.detail = detail
+
+    def failure(self) -> DeploymentMisconfigured:
+        """What the client gets: a 502 naming the backend and deployment, never the URL."""
+        return DeploymentMisconfigured(
+            f"{self.backend} failed with HTTP {self.status}: {self.detail} (is the entry's "
+            "url, with its base path, or its upstream_model wrong?)",
+            backend=self.backend,
+        )

@@ -14,6 +14,7 @@ import orjson
 
 from inferbridge.errors import (
     UpstreamError,
+    UpstreamNotServed,
     UpstreamRejected,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -52,8 +53,11 @@ def error_code(body: bytes) -> str | None:
     return code if isinstance(code, str) else None
 
 
-# Upstream refusals relayed with their status: the client's request is at fault.
-RELAYED_STATUSES = frozenset({400, 404, 409, 413, 422})
+# Upstream refusals relayed with their status: the client's request is at fault. A 404 is
+# not one of them: it says the deployment's path or model is wrong (`UpstreamNotServed`),
+# and like 401/403 (the entry's credentials) and 405 (its path) it is the deployment's
+# failure, retried elsewhere.
+RELAYED_STATUSES = frozenset({400, 409, 413, 422})
 
 
 def status_error(label: str, status: int, body: bytes, headers: Any = None) -> UpstreamError:
@@ -72,6 +76,8 @@ def status_error(label: str, status: int, body: bytes, headers: Any = None) -> U
         )
         err.type, err.code, err.retryable = "rate_limit_error", "rate_limit_exceeded", True
         return err
+    if status == 404:
+        return UpstreamNotServed(message, status=404, code=error_code(body), backend=label)
     if status in RELAYED_STATUSES:
         return UpstreamRejected(
             f"{message} (from {label})",
@@ -137,3 +143,12 @@ def load_json(label: str, data: bytes, what: str = "stream event") -> Any:
         raise UpstreamError(
             f"{label} sent an invalid {what}: {data[:200]!r}", backend=label
         ) from None
+
+
+def deployment_failure(error: UpstreamError) -> UpstreamError:
+    """The error a client gets for `error`: an upstream's refusal that is the deployment's
+    fault (`UpstreamNotServed`, its 404) becomes the 502 naming the deployment; anything
+    else is itself."""
+    if isinstance(error, UpstreamNotServed):
+        return error.failure()
+    return error

@@ -11,9 +11,11 @@ been produced nothing has reached the client, so a retryable failure (refused co
 3. at most `retries` + 1 attempts per model; then the model's `fallbacks`, in order, each
    with its own deployments, strategy and retries.
 
-A non-retryable error (the backend rejected the request itself: 4xx, unsupported parameter)
-is raised at once. Once a batch has been yielded nothing is retried: a later failure is
-raised to the OpenAI layer, which ends the stream with an error event (or answers 502).
+A non-retryable error (the backend rejected the request itself: 400, 413, 422, an
+unsupported parameter) is raised at once. A refusal that is the deployment's fault (its
+401/403: the entry's key; 404: its path or model; 405) is a retryable 502. Once a batch
+has been yielded nothing is retried: a later failure is raised to the OpenAI layer, which
+ends the stream with an error event (or answers 502).
 
 After the first batch the loop costs one generator step per batch (plus two attribute
 writes when the deployment sets `stream_idle_timeout`: see `watchdog`).
@@ -30,6 +32,7 @@ from dataclasses import replace
 from typing import Any
 
 from inferbridge.backends.base import Backend
+from inferbridge.backends.upstream_errors import deployment_failure
 from inferbridge.errors import InferbridgeError, RateLimited, UpstreamError, UpstreamTimeout
 from inferbridge.events import Event, aclose
 from inferbridge.fanout import fan_out
@@ -80,12 +83,15 @@ async def routed_stream(
                 yield batch
         finally:
             watch.stop()
-    except UpstreamError as exc:
+    except UpstreamError as caught:
+        exc = deployment_failure(caught)
         if dep is not None:
             exc.redact(dep.backend.secrets)
             if exc.retryable:
                 router.failed(dep)  # died mid-stream: counts against the deployment
-        raise
+        if exc is caught:
+            raise
+        raise exc from caught
     finally:
         if dep is not None:
             router.release(dep)
@@ -145,7 +151,8 @@ async def _try_model(
         try:
             stream = start_attempt(backend, request, route)
             first = await _first_batch(stream, dep, request.stream)
-        except UpstreamError as exc:
+        except UpstreamError as caught:
+            exc = deployment_failure(caught)  # a deployment's own 404 is its failure
             exc.redact(backend.secrets)
             router.release(dep)
             if exc.retryable:
