@@ -226,3 +226,19 @@ def test_an_invalid_value_from_the_environment_names_the_variable(tmp_path):
     assert "server.log_level:" in str(info.value)
     assert "(got 'verbose' from INFERBRIDGE_LOG_LEVEL)" in str(info.value)
     assert "c.yaml:2" not in str(info.value)  # the file's value is not the one at fault
+
+
+def test_messages_carry_no_pydantic_wording_and_name_the_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "models:\n  - {name: a, backend: tgi, url: 'gpu:80'}\n"
+        "  - {name: b, backend: tgi, url: 'http://h:1', prompt_template: nope}\n"
+        f"  - {{name: c, backend: tgi, url: 'http://h:1', chat_template_file: {tmp_path}/no}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    text = str(info.value)
+    assert "Value error" not in text and "(entry)" not in text and "Errno" not in text
+    assert "c.yaml:2: models[0] (a): url: must start with http://" in text
+    assert "c.yaml:3: models[1] (b): prompt_template: Unknown chat template 'nope'" in text
+    assert "c.yaml:4: models[2] (c): chat_template_file: cannot read" in text

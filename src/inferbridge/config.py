@@ -83,6 +83,9 @@ def _format_errors(
             lines.append(f"{prefix}{dotted(loc)}: {message}")
             continue
         message = err["msg"]
+        cause = (err.get("ctx") or {}).get("error")
+        if err["type"] == "value_error" and cause is not None:
+            message = str(cause)  # the validator's own words, without "Value error, "
         if err["type"] == "extra_forbidden" and loc:
             message = f"unknown key{did_you_mean(str(loc[-1]), known_keys())}"
         elif err["type"] == "literal_error":
@@ -244,10 +247,18 @@ def load_config(
                 f"{source.where(('models', i, 'backend'))}{label}: backend: {exc.args[0]}"
             )
             continue
+        template_error = _template_error(cls, entry)
+        if template_error is not None:
+            field, message = template_error
+            where = source.where(("models", i, field))
+            errors.append(f"{where}{label}: {field}: {message}")
         try:
             deployments.append(stand_ins.validate(cls, entry, ("models", i)))
         except ValidationError as exc:
-            errors.extend(_format_errors(f"{label}: ", exc, source, ("models", i)))
+            lines = _format_errors(f"{label}: ", exc, source, ("models", i))
+            if template_error is not None:  # said above, naming the field
+                lines = [line for line in lines if f"{label}: (entry): " not in line]
+            errors.extend(lines)
 
     if base is not None and not errors:
         errors.extend(_routing_errors(base, {d.name for d in deployments}))
@@ -266,6 +277,28 @@ def load_config(
     for warning in shared_name_warnings(deployments):
         logging.getLogger("inferbridge").warning(warning)
     return base
+
+
+def _template_error(cls: type[BaseModel], entry: dict[str, Any]) -> tuple[str, str] | None:
+    """(field, message) when the entry's `prompt_template` or `chat_template_file` cannot
+    be loaded (the settings class says so too, but of the whole entry)."""
+    from inferbridge.templates import TemplateError, load_template
+
+    name, file = entry.get("prompt_template"), entry.get("chat_template_file")
+    if "prompt_template" not in cls.model_fields or (name and file):
+        return None
+    if not isinstance(name, str | None) or not isinstance(file, str | None):
+        return None  # not a string: the field's own type check says so
+    try:
+        if name:
+            load_template(name)
+        elif file:
+            load_template(file=file)
+    except OSError as exc:
+        return "chat_template_file", f"cannot read {file!r}: {exc.strerror or exc}"
+    except (ValueError, TemplateError) as exc:
+        return ("prompt_template" if name else "chat_template_file"), str(exc)
+    return None
 
 
 class StandIns:
