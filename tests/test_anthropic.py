@@ -327,6 +327,21 @@ def test_bad_input_names_the_field(echo):
             "messages": USER,
             "tools": [WEATHER, {"type": "web_search_20250305", "name": "web_search"}],
         },
+        "messages.0.content.0.source.data: the data is not valid base64": {
+            "model": "echo",
+            "max_tokens": 5,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image",
+                            "source": {"type": "base64", "media_type": "image/png", "data": "!!"},
+                        }
+                    ],
+                }
+            ],
+        },
         "tool_choice: tool_choice 'any' needs at least one tool": {
             "model": "echo",
             "max_tokens": 5,

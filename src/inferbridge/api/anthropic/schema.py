@@ -22,12 +22,14 @@ way Anthropic's do: `messages.0.content.1.type: ...`, `max_tokens: Field require
 
 from __future__ import annotations
 
+import binascii
 import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, NotRequired
 
 import orjson
-from pydantic import ConfigDict, Field, with_config
+from pydantic import AfterValidator, ConfigDict, Field, with_config
+from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from inferbridge.api.protocol import MAX_STOPS, StopString, normalize
@@ -45,11 +47,19 @@ class TextBlockParam(TypedDict):
     text: str
 
 
+def _base64(value: str) -> str:
+    try:
+        binascii.a2b_base64(value, strict_mode=True)
+    except binascii.Error:
+        raise PydanticCustomError("invalid_base64", "the data is not valid base64") from None
+    return value
+
+
 @_open
 class Base64ImageSourceParam(TypedDict):
     type: Literal["base64"]
-    media_type: str
-    data: str
+    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+    data: Annotated[str, AfterValidator(_base64)]
 
 
 @_open
