@@ -66,8 +66,7 @@ def build_embedding_request(body: dict[str, Any]) -> InferenceRequest:
     inputs: list[Any] = [raw] if single else list(raw)  # token ids: one input
     if len(inputs) > MAX_INPUTS:
         raise InvalidRequest(
-            f"'input' holds {len(inputs)} items; at most {MAX_INPUTS} are accepted in one "
-            "request.",
+            f"'input' holds {len(inputs)} items; at most {MAX_INPUTS} are accepted in one request.",
             param="input",
         )
     for i, item in enumerate(inputs):
