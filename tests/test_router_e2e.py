@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from inferbridge.backends import registry
+from tests.fakes.ollama import FakeOllama
 from tests.test_reliability import ANSWER, MESSAGES, chat, client, entry, fakes, states
 
 __all__ = ["fakes"]  # the fixture, shared with test_reliability
@@ -126,3 +127,25 @@ def test_shutdown_lets_an_in_flight_stream_finish(serve, fakes):
     stopper.join(5)
     assert not stopper.is_alive()
     assert fake.closed_streams == 0  # nothing was cut
+
+
+def test_an_ollama_deployment_without_its_model_pulled_is_retried_on_the_other(serve):
+    """Ollama's 404 `model "x" not found` is the entry's `upstream_model`, not the
+    client's request: the deployment that has the model answers every request."""
+    with FakeOllama() as ollama:
+        pulled = {"name": "m", "backend": "ollama", "url": ollama.url, "weight": 0.001}
+        srv = serve(
+            {
+                "router": {"allowed_fails": 100},
+                "models": [
+                    {**pulled, "upstream_model": "nope", "weight": 1000},
+                    {**pulled, "upstream_model": "llama3.2"},
+                ],
+            }
+        )
+        for stream in (False, True, False, True):
+            raw = client(srv).chat.completions.with_raw_response.create(
+                model="m", messages=MESSAGES, stream=stream
+            )
+            assert raw.status_code == 200
+        assert [r.json["model"] for r in ollama.requests] == ["nope", "llama3.2"] * 4
