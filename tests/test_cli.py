@@ -320,3 +320,39 @@ def test_a_config_named_by_the_environment_and_backend_options_conflict(
     args = ["serve", "--backend", "tgi", "--url", "http://h:1", "--model", "a", "--print-config"]
     assert main(args) == 2
     assert "INFERBRIDGE_CONFIG names one" in capsys.readouterr().err
+
+
+def test_check_probe_says_what_it_did_not_check_and_what_the_servers_tell(tmp_path, capsys):
+    from tests.fakes.llamacpp import FakeLlamaCpp
+    from tests.fakes.ollama import FakeOllama
+    from tests.fakes.tgi import FakeTGI
+
+    with FakeTGI() as tgi, FakeLlamaCpp() as llama, FakeOllama() as ollama, FakeOpenAI() as vllm:
+        path = tmp_path / "c.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "models": [
+                        {"name": "sm", "backend": "sagemaker", "endpoint_name": "ep",
+                         "region": "us-east-1", "prompt_template": "llama3"},
+                        {"name": "no-v1", "backend": "vllm", "url": vllm.url,
+                         "upstream_model": vllm.served_model},
+                        {"name": "t", "backend": "tgi", "url": tgi.url},
+                        {"name": "l", "backend": "llamacpp", "url": llama.url},
+                        {"name": "o", "backend": "ollama", "url": ollama.url,
+                         "upstream_model": ollama.models[0]},
+                    ]
+                }
+            )
+        )  # fmt: skip
+        assert main(["check", "--probe", "--config", str(path)]) == 1
+    out = capsys.readouterr().out
+    lines = {
+        line.split()[1]: line for line in out.splitlines() if line[:4] in ("ok  ", "FAIL", "skip")
+    }
+    assert lines["sm[0]"].startswith("skip") and "not probed" in lines["sm[0]"]
+    assert lines["no-v1[0]"].startswith("FAIL") and f"try url: {vllm.url}/v1" in lines["no-v1[0]"]
+    assert lines["t[0]"].startswith("ok") and f"version {tgi.info['version']}" in lines["t[0]"]
+    assert f"context {tgi.info['max_input_tokens']}" in lines["t[0]"]
+    assert "version b0-fake" in lines["l[0]"] and "context 4096" in lines["l[0]"]
+    assert "version 0.12.6" in lines["o[0]"]

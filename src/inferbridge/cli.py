@@ -257,9 +257,9 @@ def check(config: Config, args: argparse.Namespace) -> int:
     from inferbridge.probe import probe_all
 
     results = asyncio.run(probe_all(config))
-    for ok, line in results:
-        print(("ok    " if ok else "FAIL  ") + line)
-    return 0 if all(ok for ok, _ in results) else 1
+    for status, line in results:
+        print(f"{status:<6}{line}")
+    return 1 if any(status == "FAIL" for status, _ in results) else 0
 
 
 def printable(config: Config, overrides: dict[str, Any]) -> dict[str, Any]:
