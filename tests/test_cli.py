@@ -356,3 +356,24 @@ def test_check_probe_says_what_it_did_not_check_and_what_the_servers_tell(tmp_pa
     assert f"context {tgi.info['max_input_tokens']}" in lines["t[0]"]
     assert "version b0-fake" in lines["l[0]"] and "context 4096" in lines["l[0]"]
     assert "version 0.12.6" in lines["o[0]"]
+
+
+def test_the_cli_and_the_docs_list_the_log_levels_the_validator_accepts(capsys):
+    from pathlib import Path
+    from typing import get_args
+
+    from inferbridge.config import ServerConfig
+
+    levels = get_args(ServerConfig.model_fields["log_level"].annotation)
+    for level in levels:
+        assert main(["serve", "--log-level", level, "--print-config"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["server"]["log_level"] == level
+    docs = Path(__file__).parent.parent / "docs"
+    row = next(
+        line
+        for line in (docs / "configuration.md").read_text().splitlines()
+        if line.startswith("| `log_level`")
+    )
+    assert all(f"`{level}`" in row for level in levels)
+    readiness = (docs / "routing.md").read_text().split("## Readiness")[1].split("\n## ")[0]
+    assert "No authentication" not in readiness and '{"status": "ready"}' in readiness

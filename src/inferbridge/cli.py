@@ -13,13 +13,13 @@ import logging
 import os
 import sys
 import tempfile
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 import yaml
 
 from inferbridge import __version__, logs
-from inferbridge.config import Config, ConfigError, load_config
+from inferbridge.config import Config, ConfigError, ServerConfig, load_config
 from inferbridge.inference_server import InferenceServerError, parse_inference_server
 
 STARTUP_FAILURE = 3
@@ -27,6 +27,12 @@ STARTUP_FAILURE = 3
 
 # The config file the Docker image mounts: used when no other is named.
 DEFAULT_CONFIG = "/etc/inferbridge/config.yaml"
+
+
+LOG_LEVELS: list[str] = sorted(
+    get_args(ServerConfig.model_fields["log_level"].annotation), key=lambda name: logs.LEVELS[name]
+)
+"""The `server.log_level` values, most verbose first (the validator's own list)."""
 
 
 def default_config() -> str | None:
@@ -71,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 5000)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="(default info)")
     serve.add_argument(
         "--drop-unsupported-params",
         action="store_true",
