@@ -377,3 +377,29 @@ def test_the_cli_and_the_docs_list_the_log_levels_the_validator_accepts(capsys):
     assert all(f"`{level}`" in row for level in levels)
     readiness = (docs / "routing.md").read_text().split("## Readiness")[1].split("\n## ")[0]
     assert "No authentication" not in readiness and '{"status": "ready"}' in readiness
+
+
+def test_config_warnings_are_said_once_with_workers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "models:\n  - {name: m, backend: echo}\n  - {name: m, backend: echo, upstream_model: o}\n"
+    )
+    port = 19541
+    proc = _run(["serve", "--config", str(path), "--port", str(port), "--workers", "2"])
+    try:
+        _wait_ready(port, proc)
+        time.sleep(1)  # both workers are up
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=15)
+    assert out.count("will be treated as deployments of one model") == 1, out
+
+
+def test_an_address_in_use_is_named():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 19542))
+        taken.listen()
+        proc = _run(["serve", "--port", "19542"])
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 3
+    assert "cannot listen on 127.0.0.1:19542: " in out and "Address already in use" in out

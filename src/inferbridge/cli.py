@@ -19,7 +19,13 @@ import orjson
 import yaml
 
 from inferbridge import __version__, logs
-from inferbridge.config import Config, ConfigError, ServerConfig, load_config
+from inferbridge.config import (
+    CONFIG_WARNED_ENV,
+    Config,
+    ConfigError,
+    ServerConfig,
+    load_config,
+)
 from inferbridge.inference_server import InferenceServerError, parse_inference_server
 
 STARTUP_FAILURE = 3
@@ -328,6 +334,7 @@ def command(args: argparse.Namespace) -> int:
     log_format = logs.resolve_format(server.log_format)
     if args.config:
         os.environ["INFERBRIDGE_CONFIG"] = os.path.abspath(args.config)
+    os.environ[CONFIG_WARNED_ENV] = "1"  # the warnings are out: the workers say them no more
     os.environ["INFERBRIDGE_CLI_OVERRIDES"] = orjson.dumps(overrides).decode()
     if server.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Several processes: /metrics aggregates them through a shared folder.
@@ -341,7 +348,7 @@ def command(args: argparse.Namespace) -> int:
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         http="httptools",
         # every process, workers included, configures logging from this (logs.py)
-        log_config=logging_config(log_format, server.log_level),
+        log_config=logging_config(log_format, server.log_level, address(server)),
         log_level=server.log_level,
         access_log=False,  # inferbridge writes its own JSON access log, off the loop
         proxy_headers=False,
@@ -354,14 +361,27 @@ def command(args: argparse.Namespace) -> int:
     return run_server(uvicorn_config)
 
 
+def address(server: ServerConfig) -> str:
+    """`host:port` as a person would write it (IPv6 in brackets)."""
+    host = f"[{server.host}]" if ":" in server.host else server.host
+    return f"{host}:{server.port}"
+
+
 class StartupFailure:
     """A logging filter for `uvicorn.error`: a start-up that failed with one of inferbridge's
     own errors (a deployment without a chat template, a configuration error) is logged as
     that error's message, in one line, instead of the framework's traceback of it. Other
     failures (bugs) keep their traceback."""
 
+    def __init__(self, address: str = "") -> None:
+        self.address = address
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if isinstance(record.msg, OSError) and self.address:  # the bind failed
+            record.msg = f"cannot listen on {self.address}: {message}"
+            record.args = None
+            return True
         if not message.startswith("Traceback (most recent call last):"):
             return True
         last = message.rstrip().rsplit("\n", 1)[-1]
@@ -373,10 +393,14 @@ class StartupFailure:
         return True
 
 
-def logging_config(log_format: str, level: str) -> dict[str, Any]:
-    """`logs.logging_config` with `StartupFailure` on uvicorn's error logger."""
+def logging_config(log_format: str, level: str, address: str = "") -> dict[str, Any]:
+    """`logs.logging_config` with `StartupFailure` on uvicorn's error logger (`address`:
+    where the server listens, for a failed bind's message)."""
     config = logs.logging_config(log_format, level)
-    config.setdefault("filters", {})["startup_failure"] = {"()": f"{__name__}.StartupFailure"}
+    config.setdefault("filters", {})["startup_failure"] = {
+        "()": f"{__name__}.StartupFailure",
+        "address": address,
+    }
     config["loggers"]["uvicorn.error"]["filters"] = ["startup_failure"]
     return config
 

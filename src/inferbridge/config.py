@@ -46,6 +46,7 @@ from inferbridge.config_source import (
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 __all__ = [
+    "CONFIG_WARNED_ENV",
     "DEFAULT_MODELS",
     "AuthConfig",
     "Config",
@@ -119,6 +120,10 @@ def known_keys() -> set[str]:
                 keys.update(annotation.model_fields)
     return keys
 
+
+CONFIG_WARNED_ENV = "INFERBRIDGE_CONFIG_WARNED"
+"""Set by `inferbridge serve` once it has loaded the config and logged its warnings: the
+server processes that load it again (each worker) do not repeat them."""
 
 ENV_NAMES = {"api_keys": "INFERBRIDGE_API_KEYS", "enabled": "INFERBRIDGE_AUTH"}
 """The variables of `env_overrides` not named `INFERBRIDGE_<KEY>`."""
@@ -274,8 +279,9 @@ def load_config(
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     base.models = deployments
     base.missing_env = sorted({name for _, name in missing})
-    for warning in shared_name_warnings(deployments):
-        logging.getLogger("inferbridge").warning(warning)
+    if not env.get(CONFIG_WARNED_ENV):
+        for warning in shared_name_warnings(deployments):
+            logging.getLogger("inferbridge").warning(warning)
     return base
 
 
