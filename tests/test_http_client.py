@@ -840,18 +840,28 @@ async def test_gzip_answers_are_decompressed() -> None:
 
 # -- 8. redirects are errors, never followed -------------------------------------------------
 @both_loops
-async def test_redirect_is_an_error_and_is_not_followed() -> None:
+async def test_redirect_is_an_error_and_is_not_followed(caplog: pytest.LogCaptureFixture) -> None:
+    """The target is named in the log (without its query string), not in the error."""
+
     async def handle(conn: Conn) -> None:
         while (req := await conn.request()) is not None:
             srv.seen.append(req)
-            await conn.answer(b"", "307 Temporary Redirect", f"Location: {srv.url}/elsewhere\r\n")
+            where = f"Location: {srv.url}/elsewhere?token=abc\r\n"
+            await conn.answer(b"", "307 Temporary Redirect", where)
 
     srv = Server(handle)
     async with srv, upstream(srv.url) as http:
-        with pytest.raises(UpstreamError, match=r"backend 'x' answered with an unexpected redir"):
+        with pytest.raises(
+            UpstreamError, match=r"backend 'x' answered with an unexpected redir"
+        ) as info:
             async with http.post("/generate", {"q": 1}):
                 pass
+    assert "elsewhere" not in info.value.message and "token" not in info.value.message
     assert [line for line, _, _ in srv.seen] == ["POST /generate HTTP/1.1"]
+    warning = [r for r in caplog.records if r.levelname == "WARNING"][-1]
+    assert (
+        warning.getMessage() == f"backend 'x' answered HTTP 307, a redirect to {srv.url}/elsewhere"
+    )
 
 
 # -- 9. a request that may have reached the upstream is never sent again ---------------------

@@ -13,6 +13,7 @@ import time
 import httpx
 import openai
 import pytest
+from aiohttp import web
 
 from tests.fakes.faulty import Fault, FaultyOpenAI, closed_port_url
 
@@ -24,8 +25,8 @@ ANSWER = "Hello from upstream"
 def fakes():
     started: list[FaultyOpenAI] = []
 
-    def make(count: int = 1) -> list[FaultyOpenAI]:
-        new = [FaultyOpenAI().start() for _ in range(count)]
+    def make(count: int = 1, kind: type[FaultyOpenAI] = FaultyOpenAI) -> list[FaultyOpenAI]:
+        new = [kind().start() for _ in range(count)]
         started.extend(new)  # type: ignore[arg-type]
         return new  # type: ignore[return-value]
 
@@ -134,6 +135,37 @@ def test_a_deployment_without_its_base_path_is_retried_then_a_502_naming_it(serv
     metrics = httpx.get(srv.url + "/metrics").text
     assert 'model="alone",outcome="upstream_error"' in metrics
     assert 'model="alone",outcome="client_error"' not in metrics
+
+
+class Redirecting(FaultyOpenAI):
+    """Answers every completion with a redirect whose target carries a token."""
+
+    def error_response(self) -> web.Response:
+        return web.Response(status=302, headers={"Location": "http://evil.example/?token=abc"})
+
+
+@pytest.mark.parametrize(
+    "status,message,hidden,shown",
+    [
+        (500, "internal error at http://127.0.0.1:19403/e500/v1", ["127.0.0.1", "19403"], "<url>"),
+        (401, "Incorrect API key provided: sk-upstr*****T123.", ["sk-upstr", "T123"], "***"),
+        (302, None, ["evil.example", "token", "abc"], "redirect (HTTP 302)"),
+    ],
+)
+def test_upstream_error_text_shows_no_address_key_or_redirect_target(
+    serve, fakes, status, message, hidden, shown
+):
+    (fake,) = fakes(1, Redirecting if status == 302 else FaultyOpenAI)
+    fake.behaviour.status = status
+    fake.behaviour.error_body = {"error": {"message": message}}
+    srv = serve({"models": [entry(fake, api_key="sk-upstream-0123456789-T123")]})
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as info:
+            chat(srv, stream)
+        text = info.value.message
+        assert info.value.status_code == 502 and "backend 'vllm' (m[0])" in text
+        assert shown in text
+        assert not [word for word in [*hidden, "http"] if word in text], text
 
 
 def test_request_rejected_by_the_backend_is_not_retried(serve, fakes):

@@ -27,7 +27,8 @@ URLs).
   read with `read()` / `read_json()` are bounded by `max_response_bytes`.
 - Proxies: the entry's `proxy`, else HTTP_PROXY / HTTPS_PROXY / NO_PROXY as they were at
   `start()`. TLS: the entry's `tls` (CA file, verification, client certificate).
-- gzip and deflate answers are decompressed. Redirects are not followed: a 3xx is an error.
+- gzip and deflate answers are decompressed. Redirects are not followed: a 3xx is an error
+  (its target goes to the log, without its query string, not into the error).
 - A POST is never sent twice: one whose connection closes before the answer fails (the
   router decides about retries). aiohttp sends a GET (idempotent) once more when a pooled
   connection turns out to be closed.
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
@@ -96,6 +98,7 @@ DEFAULT_HEADERS = {"User-Agent": "inferbridge"}
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 Origin = tuple[str, str, int | None]
+log = logging.getLogger("inferbridge.upstream")
 
 
 def split_user_info(url: str) -> tuple[str, str | None]:
@@ -112,6 +115,16 @@ def split_user_info(url: str) -> tuple[str, str | None]:
     user, password = unquote(parts.username), unquote(parts.password or "")
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return plain, f"Basic {token}"
+
+
+def without_query(url: str) -> str:
+    """`url` without its query string, fragment and user info (for logs)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(an invalid URL)"
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 _FAILURES = (aiohttp.ClientError, OSError)
@@ -475,10 +488,18 @@ class HttpUpstream:
             settle(raw)
         status = raw.status
         if status < 400:
-            location = raw.headers.get("Location", "")[:200]
+            # The target is not the client's business (it may carry a token, or name an
+            # internal host): the log has it, without its query string.
+            location = raw.headers.get("Location", "")
+            log.warning(
+                "%s answered HTTP %d, a redirect to %s",
+                self.label,
+                status,
+                without_query(location)[:200] or "(no Location)",
+            )
             return UpstreamError(
-                f"{self.label} answered with an unexpected redirect (HTTP {status}"
-                f"{' to ' + location if location else ''}); check the entry's url",
+                f"{self.label} answered with an unexpected redirect (HTTP {status}); "
+                "check the entry's url (the log has the target)",
                 backend=self.label,
             )
         return self.error_mapper(self.label, status, body, raw.headers)

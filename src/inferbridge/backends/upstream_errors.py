@@ -1,12 +1,15 @@
 """How upstream failures become inferbridge errors: an answer outside 2xx (`status_error`,
 with the message and code found in whatever error body shape the backend uses) and a
 failed exchange (`transport_error`, without the upstream's address), each naming the
-deployment."""
+deployment. `shown(error, secrets)` makes an error fit for a client: the entry's secrets,
+and any URL, internal address or key-like fragment in upstream-supplied text, masked."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -151,4 +154,38 @@ def deployment_failure(error: UpstreamError) -> UpstreamError:
     else is itself."""
     if isinstance(error, UpstreamNotServed):
         return error.failure()
+    return error
+
+
+# What upstream-supplied text must not show a client (`scrub`): URLs of any scheme (to the
+# last character that is not sentence punctuation), IPv4 addresses with or without a port,
+# and what looks like a credential: OpenAI/Anthropic-style keys (`sk-...`, with the stars
+# of a partly masked one), Hugging Face and Replicate tokens, AWS access key ids, and the
+# value after `Bearer`/`Basic` (unless it is a lowercase word: "Bearer token required").
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s\"'<>`]*[^\s\"'<>`.,;:!?)\]}]")
+_ADDRESS = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?(?![\w.])")
+_KEY = re.compile(
+    r"(?<![\w*-])(?:(?:sk|pk|rk)[-_][\w*\-]{3,}|(?:hf|r8)_[\w*]{6,}|A[KS]IA[0-9A-Z*]{8,})"
+    r"|(?<=\b[Bb]earer )(?![a-z]+(?:[\s,;]|$))[^\s\"',;]+"
+    r"|(?<=\bBasic )(?![a-z]+(?:[\s,;]|$))[^\s\"',;]+"
+)
+
+
+def scrub(text: str) -> str:
+    """`text` without URLs (`<url>`), IPv4 addresses (`<address>`) and key-like fragments
+    (`***`)."""
+    if "://" in text:
+        text = _URL.sub("<url>", text)
+    text = _ADDRESS.sub("<address>", text)
+    return _KEY.sub("***", text)
+
+
+def shown(error: UpstreamError, secrets: Iterable[str] = ()) -> UpstreamError:
+    """`error` as a client may see it: the entry's own `secrets` masked, then `scrub`bed
+    (the message may quote an upstream: its error body, its stream's error event)."""
+    error.redact(list(secrets))
+    clean = scrub(error.message)
+    if clean != error.message:
+        error.message = clean
+        error.args = (clean,)
     return error

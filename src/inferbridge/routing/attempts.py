@@ -32,7 +32,7 @@ from dataclasses import replace
 from typing import Any
 
 from inferbridge.backends.base import Backend
-from inferbridge.backends.upstream_errors import deployment_failure
+from inferbridge.backends.upstream_errors import deployment_failure, shown
 from inferbridge.errors import InferbridgeError, RateLimited, UpstreamError, UpstreamTimeout
 from inferbridge.events import Event, aclose
 from inferbridge.fanout import fan_out
@@ -86,7 +86,7 @@ async def routed_stream(
     except UpstreamError as caught:
         exc = deployment_failure(caught)
         if dep is not None:
-            exc.redact(dep.backend.secrets)
+            shown(exc, dep.backend.secrets)
             if exc.retryable:
                 router.failed(dep)  # died mid-stream: counts against the deployment
         if exc is caught:
@@ -153,7 +153,7 @@ async def _try_model(
             first = await _first_batch(stream, dep, request.stream)
         except UpstreamError as caught:
             exc = deployment_failure(caught)  # a deployment's own 404 is its failure
-            exc.redact(backend.secrets)
+            shown(exc, backend.secrets)
             router.release(dep)
             if exc.retryable:
                 router.failed(dep, probe)
