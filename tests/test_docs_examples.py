@@ -70,7 +70,8 @@ def test_the_example_loads(text, tmp_path, monkeypatch):
         pytest.skip(f"names files of the operator's machine: {file_values(config)}")
     monkeypatch.chdir(tmp_path)
     variables = re.findall(r"os\.environ/([A-Za-z_][A-Za-z0-9_]*)", text)
-    environ = dict.fromkeys(variables, "user:secret-value")  # also fits `user:password` fields
+    # each its own value (two keys may not be equal); `user:` fits `user:password` fields
+    environ = {name: f"user:secret-{name}" for name in variables}
     load_config(data=config, environ=environ)
 
 

@@ -67,16 +67,15 @@ def test_user_info_in_a_url_becomes_basic_auth():
 
 
 def test_user_info_and_an_api_key_together_are_refused():
-    url = "http://alice:pw@127.0.0.1:9/v1"
-    config = load_config(
-        data={"models": [{"name": "m", "backend": "vllm", "url": url, "api_key": "sk-x"}]},
-        environ={},
-    )
-    from inferbridge.backends import registry
+    """Refused when the config is loaded (so `inferbridge check` says it too)."""
     from inferbridge.config import ConfigError
 
+    url = "http://alice:pw@127.0.0.1:9/v1"
     with pytest.raises(ConfigError, match="Authorization"):
-        registry.create(config.models[0])
+        load_config(
+            data={"models": [{"name": "m", "backend": "vllm", "url": url, "api_key": "sk-x"}]},
+            environ={},
+        )
 
 
 def test_an_upstream_echoing_the_key_has_it_masked():
