@@ -322,6 +322,16 @@ class TestCors:
             assert r.headers["access-control-allow-origin"] == self.ORIGIN
             other = self.preflight_from(srv, "http://evil.example")
             assert "access-control-allow-origin" not in other.headers
+            anthropic_sdk = httpx.options(  # a browser Anthropic client's preflight
+                srv.url + "/v1/messages",
+                headers={
+                    "origin": self.ORIGIN,
+                    "access-control-request-method": "POST",
+                    "access-control-request-headers": "x-api-key,anthropic-version,content-type",
+                },
+                timeout=10,
+            )
+            assert anthropic_sdk.status_code == 200, anthropic_sdk.text
 
     def preflight_from(self, srv: InferbridgeServer, origin: str) -> httpx.Response:
         return httpx.options(

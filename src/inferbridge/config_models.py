@@ -164,7 +164,15 @@ class CorsConfig(BaseModel):
     allow_origins: list[str] = Field(min_length=1)
     allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST", "OPTIONS"])
     allow_headers: list[str] = Field(
-        default_factory=lambda: ["authorization", "content-type", "api-key", "x-request-id"]
+        default_factory=lambda: [
+            "authorization",
+            "content-type",
+            "api-key",
+            "x-api-key",
+            "anthropic-version",
+            "anthropic-beta",
+            "x-request-id",
+        ]
     )
     allow_credentials: bool = False
     max_age: int = Field(default=600, ge=0)
