@@ -229,6 +229,30 @@ async def test_request_line_headers_query_and_authorization() -> None:
 
 
 @both_loops
+async def test_a_base_url_with_a_query_keeps_it_on_every_call() -> None:
+    """`url: http://host/v1?api-version=...`: the route joins the path, the query stays."""
+
+    async def handle(conn: Conn) -> None:
+        while (req := await conn.request()) is not None:
+            srv.seen.append(req)
+            await conn.answer()
+
+    srv = Server(handle)
+    async with srv, upstream(srv.url + "/v1/?api-version=2024-01-01") as http:
+        async with http.post("/chat/completions", {}):
+            pass
+        async with http.post("/chat/completions", {}, params={"x": "1"}):
+            pass
+        async with http.request("GET", "/models?page=2"):
+            pass
+    assert [line for line, _, _ in srv.seen] == [
+        "POST /v1/chat/completions?api-version=2024-01-01 HTTP/1.1",
+        "POST /v1/chat/completions?api-version=2024-01-01&x=1 HTTP/1.1",
+        "GET /v1/models?api-version=2024-01-01&page=2 HTTP/1.1",
+    ]
+
+
+@both_loops
 async def test_header_injection_is_refused() -> None:
     async with Server(keep_answering) as srv, upstream(srv.url) as http:
         with pytest.raises(ValueError, match="header injection"):

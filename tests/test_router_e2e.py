@@ -149,3 +149,14 @@ def test_an_ollama_deployment_without_its_model_pulled_is_retried_on_the_other(s
             )
             assert raw.status_code == 200
         assert [r.json["model"] for r in ollama.requests] == ["nope", "llama3.2"] * 4
+
+
+def test_an_upstream_url_with_a_query_string_keeps_it_on_every_call(serve, fakes):
+    """`url: http://host/v1?api-version=...`: routes join the path, the query is sent."""
+    (fake,) = fakes(1)
+    srv = serve({"models": [entry(fake.url + "/v1?api-version=2024-01-01")]})
+    for stream in (False, True):
+        assert chat(srv, stream) == (ANSWER, "m")
+    assert [(r.path, r.query) for r in fake.requests] == [
+        ("/v1/chat/completions", {"api-version": "2024-01-01"})
+    ] * 2

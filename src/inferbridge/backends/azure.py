@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 from pydantic import Field, model_validator
 
+from inferbridge.backends.http import join_url
 from inferbridge.backends.openai_compat import OpenAICompatBackend, OpenAICompatSettings
 from inferbridge.request import InferenceRequest
 
@@ -76,16 +77,15 @@ class AzureBackend(OpenAICompatBackend):
 
     def base_url(self) -> str:
         cfg = self.azure
-        root = cfg.url.rstrip("/")
         if cfg.v1:
-            return root if root.endswith(V1_SUFFIX) else root + V1_SUFFIX
-        return f"{root}/openai/deployments/{quote(cfg.deployment_name, safe='')}"
+            return join_url(cfg.url, V1_SUFFIX, strip=V1_SUFFIX)
+        return join_url(cfg.url, f"/openai/deployments/{quote(cfg.deployment_name, safe='')}")
 
     def health_path(self) -> str:
         cfg = self.azure
         if cfg.v1:
             return "/models"
-        return f"{cfg.url.rstrip('/')}/openai/models?api-version={cfg.api_version}"
+        return join_url(cfg.url, f"/openai/models?api-version={cfg.api_version}")
 
     def upstream_headers(self) -> dict[str, str]:
         cfg = self.azure
@@ -112,7 +112,7 @@ class AzureBackend(OpenAICompatBackend):
         if cfg.v1:
             return "/responses", None
         assert cfg.api_version is not None
-        return f"{cfg.url.rstrip('/')}/openai/responses", {"api-version": cfg.api_version}
+        return join_url(cfg.url, "/openai/responses"), {"api-version": cfg.api_version}
 
     def responses_upstream_body(self, request: InferenceRequest) -> dict[str, Any]:
         body = super().responses_upstream_body(request)

@@ -13,8 +13,8 @@ body limit. It turns every transport failure and every answer outside 2xx into a
 `parser` (a `StreamParser`, usually an `ItemParser` over an SSE or NDJSON decoder) turns
 the body into events, one batch per upstream read. `iter_chunks(resp)` gives the raw body
 pieces for protocols that need their own loop; `read_json(resp)` the whole body, parsed.
-`path` is joined to the base URL, or is an absolute URL (Replicate's stream and cancel
-URLs).
+`path` is joined to the base URL's path, the base URL's query string kept (`join_url`), or
+is an absolute URL (Replicate's stream and cancel URLs).
 
 `resp` (an `UpstreamResponse`) has `status`, `headers.get(name)` (any case) and
 `await resp.read()`. What the client guarantees:
@@ -81,6 +81,7 @@ __all__ = [  # what adapters import from here
     "UpstreamResponse",
     "error_code",
     "error_message",
+    "join_url",
     "load_json",
     "status_error",
     "transport_error",
@@ -115,6 +116,22 @@ def split_user_info(url: str) -> tuple[str, str | None]:
     user, password = unquote(parts.username), unquote(parts.password or "")
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return plain, f"Basic {token}"
+
+
+def join_url(base: str, path: str, *, strip: str = "") -> str:
+    """`path` (which may carry a query of its own) appended to the path of the URL `base`,
+    whose query string is kept (before `path`'s): `http://h/v1?api-version=1` and
+    `/chat/completions` make `http://h/v1/chat/completions?api-version=1`. `strip` is a
+    suffix taken off `base`'s path first (vLLM's `/tokenize` is beside `/v1`, not in it).
+    `path` is used as given, percent-encoding included."""
+    url = URL(base)
+    route, _, query = path.partition("?")
+    root = url.raw_path.rstrip("/")
+    if strip:
+        root = root.removesuffix(strip.rstrip("/"))
+    joined = url.with_path(root + route, encoded=True, keep_query=False, keep_fragment=False)
+    query = "&".join(q for q in (url.raw_query_string, query) if q)
+    return str(joined) + ("?" + query if query else "")
 
 
 def without_query(url: str) -> str:
@@ -406,8 +423,10 @@ class HttpUpstream:
         """The URL of `path` and its origin (scheme, host, port), cached per path."""
         hit = self._targets.get(path)
         if hit is None:
-            text = path if path.startswith(("http://", "https://")) else self.base_url + path
+            text = path
             try:
+                if not path.startswith(("http://", "https://")):
+                    text = join_url(self.base_url, path)
                 url = URL(text)
             except ValueError:
                 url = None

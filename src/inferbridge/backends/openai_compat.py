@@ -39,6 +39,7 @@ from inferbridge.backends.http import (
     HttpUpstream,
     ItemParser,
     error_message,
+    join_url,
     load_json,
     status_error,
 )
@@ -352,8 +353,6 @@ class OpenAICompatBackend(Backend):
         rendered with the model's chat template and its generation prompt."""
         if self.config.backend != "vllm":
             return None
-        root = self.base_url().rstrip("/")
-        root = root.removesuffix("/v1")
         body: dict[str, Any] = {
             "model": self.config.target_model,
             "messages": request.messages or [],
@@ -361,7 +360,8 @@ class OpenAICompatBackend(Backend):
         }
         if request.params.get("tools"):
             body["tools"] = request.params["tools"]
-        async with self.http.post(root + "/tokenize", body) as resp:
+        tokenize = join_url(self.base_url(), "/tokenize", strip="/v1")
+        async with self.http.post(tokenize, body) as resp:
             data = await self.http.read_json(resp)
         count = data.get("count") if isinstance(data, dict) else None
         return count if isinstance(count, int) else None
