@@ -322,9 +322,9 @@ def test_upstream_errors_are_mapped(fresh: InferbridgeServer, fake: FakeAzure) -
     client = fresh.openai()
     with pytest.raises(openai.InternalServerError, match="rejected inferbridge's credentials"):
         client.chat.completions.create(model="gpt4o-badkey", messages=USER)
-    with pytest.raises(openai.NotFoundError) as exc:
+    with pytest.raises(openai.InternalServerError) as exc:  # the entry's deployment is gone
         client.chat.completions.create(model="gpt4o-gone", messages=USER)
-    assert exc.value.code == "DeploymentNotFound"
+    assert exc.value.status_code == 502 and exc.value.code == "deployment_misconfigured"
     fake.behaviour.status = 429
     fake.behaviour.error_body = {
         "error": {

@@ -701,11 +701,12 @@ def test_sdk_n_is_fanned_out(server, fake):
     assert len(fake.requests) == 2
 
 
-def test_sdk_unknown_upstream_model_is_not_found(fresh):
-    with pytest.raises(openai.NotFoundError) as exc:
+def test_sdk_unknown_upstream_model_is_the_deployments_failure(fresh):
+    """A model the Ollama server has not pulled is the entry's fault, not the client's."""
+    with pytest.raises(openai.InternalServerError) as exc:
         fresh.openai().chat.completions.create(model="missing", messages=USER)
     assert 'model "nope" not found' in exc.value.message
-    assert exc.value.code == "model_not_found"
+    assert exc.value.status_code == 502 and exc.value.code == "deployment_misconfigured"
 
 
 @pytest.mark.parametrize(

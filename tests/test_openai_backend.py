@@ -138,9 +138,9 @@ def test_upstream_errors(fresh: InferbridgeServer, fake: FakeOpenAIPlatform) -> 
     client = fresh.openai()
     with pytest.raises(openai.InternalServerError, match="rejected inferbridge's credentials"):
         client.chat.completions.create(model="badkey", messages=USER)
-    with pytest.raises(openai.NotFoundError) as exc:
+    with pytest.raises(openai.InternalServerError) as exc:  # the entry's model is gone
         client.chat.completions.create(model="retired", messages=USER)
-    assert exc.value.code == "model_not_found"
+    assert exc.value.status_code == 502 and exc.value.code == "deployment_misconfigured"
     fake.behaviour.status = 400
     fake.behaviour.error_body = {
         "error": {"message": "Invalid 'temperature': decimal above maximum value.",

@@ -306,8 +306,9 @@ def test_upstream_errors(fresh: InferbridgeServer, fake: FakeReplicate) -> None:
     client = fresh.openai()
     with pytest.raises(openai.InternalServerError, match="valid authentication token"):
         client.chat.completions.create(model="badtoken", messages=USER)
-    with pytest.raises(openai.NotFoundError, match="could not be found"):
-        client.chat.completions.create(model="nope", messages=USER)
+    with pytest.raises(openai.InternalServerError, match="could not be found") as gone:
+        client.chat.completions.create(model="nope", messages=USER)  # the entry's model
+    assert gone.value.status_code == 502 and gone.value.code == "deployment_misconfigured"
     with pytest.raises(openai.BadRequestError, match="Additional property foo"):
         client.chat.completions.create(model="badinput", messages=USER)
     fake.behaviour.status = 429
