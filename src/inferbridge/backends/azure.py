@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from pydantic import Field, model_validator
+from yarl import URL
 
 from inferbridge.backends.http import join_url
 from inferbridge.backends.openai_compat import OpenAICompatBackend, OpenAICompatSettings
@@ -46,7 +47,7 @@ class AzureSettings(OpenAICompatSettings):
 
     @property
     def v1(self) -> bool:
-        return self.api_version == "v1" or self.url.rstrip("/").endswith(V1_SUFFIX)
+        return self.api_version == "v1" or URL(self.url).path.rstrip("/").endswith(V1_SUFFIX)
 
     @property
     def deployment_name(self) -> str:
