@@ -88,6 +88,7 @@ DRAIN_MAX = 256  # finished requests kept at most before they are drained
 MAX_LOGGED_NAME = 200
 """Characters of a client-given model name an access-log line keeps."""
 
+
 class Observability:
     """One per process: the metrics and the access log. With a `router`, `/metrics` also
     shows each deployment's state, requests in flight and queued, read when it is scraped."""
