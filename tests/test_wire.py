@@ -511,8 +511,13 @@ def test_body_not_json_is_refused_before_it_is_read(server):
             f"POST {CHAT} HTTP/1.1\r\nhost: x\r\ncontent-type: text/plain\r\n"
             "content-length: 5\r\n\r\nhello".encode()
         )
-        error = assert_envelope(conn.read_response(), 415)
+        response = conn.read_response()
+        error = assert_envelope(response, 415)
         assert error["code"] == "unsupported_media_type" and error["param"] == "Content-Type"
+        # the body was refused unread: the connection closes rather than read it on
+        assert response.header("connection") == "close"
+        assert conn.closed_by_server()
+    with Conn(server) as conn:
         conn.send(request(chat("json now")))
         assert answer(conn.read_response()) == "json now"
 
@@ -744,7 +749,7 @@ def test_other_routes(server):
                 "message": "Not Found: POST /v1/nope",
                 "type": "invalid_request_error",
                 "param": None,
-                "code": None,
+                "code": "not_found",
             }
         }
         health = client.get("/health")
