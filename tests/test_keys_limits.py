@@ -493,3 +493,36 @@ async def test_background_writes_survive_a_redis_restart(redis_server: RedisServ
     finally:
         await client.close()
     await asyncio.sleep(0)
+
+
+async def test_connections_are_opened_at_start_and_a_burst_shares_them(
+    redis_server: RedisServer,
+) -> None:
+    """A cold replica's first burst must not spend its checks' short timeout connecting (the
+    `allow` policy would let the excess through): the pool is opened at start-up, and a
+    burst takes turns on it."""
+    from inferbridge.shared.client import RedisClient
+    from inferbridge.shared.quotas import RedisQuotaStore
+
+    config = StateConfig(
+        store="redis", url=redis_server.url, prefix="burst", timeout=0.5, max_connections=4
+    )
+    client = RedisClient(config)
+    watcher = RedisClient(StateConfig(store="redis", url=redis_server.url, max_connections=2))
+    await client.start()
+    await watcher.start()
+    try:
+
+        async def connections() -> int:
+            listed = await watcher.redis.client_list()
+            return sum(1 for c in listed if c["name"] == "inferbridge") - 2  # not the watcher's
+
+        assert await connections() == 4
+        shared = RedisQuotaStore(client)
+        key = Subject("key", "burst", rpm=10)
+        verdicts = await asyncio.gather(*(shared.admit([key], f"l{i}") for i in range(60)))
+        assert sum(v.admitted for v in verdicts) == 10
+        assert await connections() == 4
+    finally:
+        await client.close()
+        await watcher.close()

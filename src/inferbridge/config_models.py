@@ -271,6 +271,9 @@ class StateConfig(BaseModel):
     """Seconds an in-flight count outlives a replica that died holding it."""
     sync_interval: float = Field(default=0.25, gt=0, le=5)
     """Seconds between two reads of the shared cooldowns and in-flight counts."""
+    max_connections: int = Field(default=16, ge=2, le=1024)
+    """Connections to the store per process, opened at start-up; a burst of requests takes
+    turns on them (each check is one short script) instead of opening one each."""
 
     @field_validator("url")
     @classmethod

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
@@ -72,8 +72,10 @@ class RedisClient:
         self.observability = observability
         background = max(BACKGROUND_TIMEOUT, 4 * config.timeout)
         self.background_timeout = background
-        self.redis = Redis.from_url(
+        pool = BlockingConnectionPool.from_url(
             config.url,
+            max_connections=config.max_connections,
+            timeout=None,  # a wait for a free connection is bounded by the call's timeout
             decode_responses=True,
             socket_timeout=background,
             socket_connect_timeout=background,
@@ -81,6 +83,7 @@ class RedisClient:
             health_check_interval=0,
             client_name="inferbridge",
         )
+        self.redis = Redis(connection_pool=pool)
         self.scripts = {
             name: self.redis.register_script(text) for name, text in scripts.ALL.items()
         }
@@ -104,7 +107,11 @@ class RedisClient:
         self._wake = asyncio.Event()
         try:
             async with asyncio.timeout(self.background_timeout):
-                await self.redis.ping()
+                # every connection opened now, not by the first burst of requests (whose
+                # checks would spend their short timeout connecting)
+                await asyncio.gather(
+                    *(self.redis.ping() for _ in range(self.config.max_connections))
+                )
                 for script in self.scripts.values():
                     script.sha = await self.redis.script_load(script.script)
         except Exception as exc:
