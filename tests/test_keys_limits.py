@@ -344,6 +344,10 @@ def test_401_for_wrong_expired_or_missing_keys(server: InferbridgeServer) -> Non
     assert say(sdk(server, "sk-hashed")).http_response.status_code == 200
 
 
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
 def test_404_for_models_a_key_may_not_use(server: InferbridgeServer) -> None:
     team = sdk(server, "sk-team")
     assert [m.id for m in team.models.list()] == ["echo", "fast"]
@@ -355,6 +359,10 @@ def test_404_for_models_a_key_may_not_use(server: InferbridgeServer) -> None:
     assert team.models.retrieve("fast").id == "fast"
     wide = sdk(server, "sk-wide")
     assert {m.id for m in wide.models.list()} == {"echo", "other", "slow", "limited", "fast"}
+    readiness = httpx.get(server.url + "/health/readiness", headers=bearer("sk-team")).json()
+    assert set(readiness["models"]) == {"echo"} and set(readiness["aliases"]) == {"fast"}
+    readiness = httpx.get(server.url + "/health/readiness", headers=bearer("sk-wide")).json()
+    assert "other" in readiness["models"]
 
 
 def test_429_per_key_with_headers(server: InferbridgeServer) -> None:

@@ -108,17 +108,23 @@ async def readiness(request: Request) -> Response:
     deployments, states) is shown only to an authenticated caller when keys are on."""
     gateway = gateway_of(request)
     ready, report = gateway.readiness()
-    if not authenticated(gateway, request):
-        report = {"status": report["status"]}
-    return json_response(report, 200 if ready else 503)
-
-
-def authenticated(gateway: Gateway, request: Request) -> bool:
     try:
-        gateway.authenticate(request.headers.get("authorization"), request.headers.get("api-key"))
+        identity = gateway.authenticate(
+            request.headers.get("authorization"),
+            request.headers.get("api-key") or request.headers.get("x-api-key"),
+        )
     except AuthenticationFailed:
-        return False
-    return True
+        return json_response({"status": report["status"]}, 200 if ready else 503)
+    if identity is not None and identity.models is not None:  # only what the key may use
+        report["models"] = {
+            name: row for name, row in report["models"].items() if gateway.allows(identity, name)
+        }
+        report["aliases"] = {
+            alias: name
+            for alias, name in report["aliases"].items()
+            if gateway.allows(identity, alias)
+        }
+    return json_response(report, 200 if ready else 503)
 
 
 @health.get("/metrics", summary="Prometheus metrics")
