@@ -611,6 +611,11 @@ def test_access_log_has_a_line_for_every_request(serve, capfd):
     assert lines["models"]["path"] == "/v1/models" and lines["models"]["method"] == "GET"
     assert lines["no-key"]["path"] == "/v1/chat/completions"
     assert lines["unknown-model"]["model"] == "nope"
+    # the key's name (never its secret) on every line of a request that presented one
+    for rid in ("ok", "unknown-model", "bad-body", "models", "one-model", "busy-0", "busy-1"):
+        assert lines[rid]["key"] == "api_keys[0]", lines[rid]
+    assert lines["no-key"]["key"] is None
+    assert "sk-test" not in json.dumps(list(lines.values()))
     assert len([x for x in lines.values() if x.get("path") == "/health"]) == 0
     assert len(lines) == len(expected) + 2  # one line each, no more
 

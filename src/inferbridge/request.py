@@ -43,6 +43,8 @@ class InferenceRequest:
     """A `/v1/responses` request: its Responses API body, for adapters that pass it through
     to an upstream's own `/responses` (`responses_api: native`); the chat form above is what
     every other adapter serves. Never changed: an adapter copies what it sends."""
+    key: str = ""
+    """The name of the API key the request came with ('' without keys): for logs."""
 
     def copy(self) -> InferenceRequest:
         """A copy whose `params`, `extras` and `body` may be changed without touching this
@@ -61,6 +63,7 @@ class InferenceRequest:
             [],
             self.input,
             self.responses_body,
+            self.key,
         )
 
     @property

@@ -293,10 +293,11 @@ class CompletionService:
         request: InferenceRequest | None = None
         state = http.scope.setdefault("state", {})
         try:
+            identity = state.get(IDENTITY)
             request = build()
             request.request_id = request_id
+            request.key = identity.name if identity is not None else ""
             route = RouteInfo()
-            identity = state.get(IDENTITY)
             stream, choices = self.gateway.open_stream(request, route, identity)
             admission = await self.gateway.admit(identity, request)  # 429 over a limit
         except InferbridgeError as exc:
@@ -309,6 +310,7 @@ class CompletionService:
                 request_id=request_id,
                 model=request.model if request is not None else None,
                 started=timer.start,
+                key=request.key if request is not None else None,
             )
             return renderer.error_response(exc, request_id)
 

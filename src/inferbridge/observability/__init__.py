@@ -163,6 +163,7 @@ class Observability:
         request_id: str | None = None,
         model: str | None = None,
         started: float | None = None,
+        key: str | None = None,
     ) -> None:
         """A request answered with an error before it reached a backend (gate, schema,
         unknown model or path...): counted, and one access-log line with what is known.
@@ -176,7 +177,7 @@ class Observability:
         m.inc(m.errors, ("" if code == "model_not_found" else model or "", code))
         if self.access_enabled:
             shown = model[:MAX_LOGGED_NAME] if model else model
-            self._line(status, code, path, method, request_id, shown, started)
+            self._line(status, code, path, method, request_id, shown, started, key)
 
     def answered(
         self,
@@ -187,6 +188,7 @@ class Observability:
         method: str | None = None,
         request_id: str | None = None,
         started: float | None = None,
+        key: str | None = None,
     ) -> None:
         """A request that is not a generation (`GET /v1/models`...), whatever its status:
         an access-log line; an error status is a rejection (`rejected`)."""
@@ -198,9 +200,10 @@ class Observability:
                 method=method,
                 request_id=request_id,
                 started=started,
+                key=key,
             )
         elif self.access_enabled:
-            self._line(status, None, path, method, request_id, None, started)
+            self._line(status, None, path, method, request_id, None, started, key)
 
     def _line(
         self,
@@ -211,6 +214,7 @@ class Observability:
         request_id: str | None,
         model: str | None,
         started: float | None,
+        key: str | None = None,
     ) -> None:
         line = {
             "ts": int(time.time() * 1000) / 1000,
@@ -218,6 +222,7 @@ class Observability:
             "method": method,
             "path": path,
             "model": model,
+            "key": key or None,
             "status": status,
             "latency_ms": ms(_now() - started) if started is not None else None,
             "error": code,
@@ -300,6 +305,7 @@ class Observability:
                 "request_id": request.request_id,
                 "kind": request.kind,
                 "model": model,
+                "key": request.key or None,
                 "answered_by": route.model or None,
                 "deployment": route.deployment or None,
                 "backend": route.backend or None,

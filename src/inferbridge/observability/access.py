@@ -13,16 +13,22 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from inferbridge.keys import IDENTITY
+
 if TYPE_CHECKING:
     from inferbridge.observability import Observability
 
-    pass
 
 _now = time.perf_counter
 
 LOGGED = "access_logged"
 """Key set in the ASGI scope's `state` when a generation route took the request's access-log
 line (and metrics) on itself (`api.serving`); other requests are logged by `AnswerWatch`."""
+
+
+def key_name(identity: Any) -> str | None:
+    """The name of the key a request came with (never the secret), None without keys."""
+    return getattr(identity, "name", None) or None
 
 
 def envelope_code(body: bytes | None) -> str | None:
@@ -80,6 +86,7 @@ class AnswerWatch:
             method=scope["method"],
             request_id=self.request_id,
             started=self.started,
+            key=key_name(scope["state"].get(IDENTITY)),
         )
 
 
