@@ -285,6 +285,16 @@ def test_keys_hash_and_new(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
     assert KeyRing(config.auth).authenticate(key).name == "team a"
     assert new_key("x")[0] != new_key("x")[0]
 
+    # what the config would refuse is refused here, and one key is hashed at a time
+    for name in ("", "api_keys[0]", "x" * 101):
+        assert cli.main(["keys", "new", name]) == 2
+        assert "invalid name" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("sk-one\nsk-two\n"))
+    assert cli.main(["keys", "hash"]) == 2
+    assert "one key" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="plain key"):
+        load_config(data={"auth": {"keys": [{"name": "api_keys[0]", "key": "sk-a"}]}}, environ={})
+
 
 def test_workers_with_limits_need_redis(tmp_path: Any, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "c.yaml"
@@ -517,20 +527,20 @@ async def test_connections_are_opened_at_start_and_a_burst_shares_them(
     )
     client = RedisClient(config)
     watcher = RedisClient(StateConfig(store="redis", url=redis_server.url, max_connections=2))
-    await client.start()
     await watcher.start()
+
+    async def connections() -> int:  # of this Redis, other tests' servers included
+        return len(await watcher.redis.client_list())
+
+    before = await connections()
+    await client.start()
     try:
-
-        async def connections() -> int:
-            listed = await watcher.redis.client_list()
-            return sum(1 for c in listed if c["name"] == "inferbridge") - 2  # not the watcher's
-
-        assert await connections() == 4
+        assert await connections() == before + 4
         shared = RedisQuotaStore(client)
         key = Subject("key", "burst", rpm=10)
         verdicts = await asyncio.gather(*(shared.admit([key], f"l{i}") for i in range(60)))
         assert sum(v.admitted for v in verdicts) == 10
-        assert await connections() == 4
+        assert await connections() == before + 4
     finally:
         await client.close()
         await watcher.close()

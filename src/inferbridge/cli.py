@@ -143,15 +143,29 @@ def _parser() -> argparse.ArgumentParser:
 
 def keys_command(args: argparse.Namespace) -> int:
     """`inferbridge keys hash` / `inferbridge keys new NAME`."""
+    from pydantic import ValidationError
+
+    from inferbridge.config_models import KeyConfig
     from inferbridge.keys import digest_line, new_key
 
     if args.keys_command == "hash":
-        secret = sys.stdin.readline().rstrip("\r\n")
-        if not secret:
-            print("inferbridge: keys hash: give the key on stdin", file=sys.stderr)
+        lines = [line.rstrip("\r") for line in sys.stdin.read().split("\n")]
+        given = [line for line in lines if line]
+        if len(given) != 1:
+            print(
+                "inferbridge: keys hash: give one key on stdin"
+                + (f" (got {len(given)} lines)" if given else ""),
+                file=sys.stderr,
+            )
             return 2
-        print(digest_line(secret))
+        print(digest_line(given[0]))
         return 0
+    try:
+        KeyConfig(name=args.name, key="-")
+    except ValidationError as exc:
+        problem = exc.errors()[0]["msg"]
+        print(f"inferbridge: keys new: invalid name {args.name!r}: {problem}", file=sys.stderr)
+        return 2
     key, line = new_key(args.name)
     print(key)
     print(line)

@@ -18,6 +18,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 _SECRET_WORDS = ("api_key", "access_key", "ad_token", "api_token", "secret", "password")
 
@@ -231,6 +232,7 @@ class KeyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=100)
+    """Not `api_keys[i]` / `admin_keys[i]`: the names plain keys go by."""
     key: str | None = Field(default=None, min_length=1, repr=False)
     key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$", repr=False)
     models: list[str] | None = None
@@ -240,6 +242,17 @@ class KeyConfig(BaseModel):
     max_parallel: int | None = Field(default=None, ge=1)
     expires_at: datetime | None = None
     """After it the key answers 401 (a time without a zone is UTC)."""
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_plain_keys_name(cls, name: str) -> str:
+        if name.startswith(("api_keys[", "admin_keys[")):
+            raise PydanticCustomError(
+                "reserved_name",
+                "'{name}' is the name of a plain key (auth.api_keys); choose another",
+                {"name": name},
+            )
+        return name
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyConfig:
