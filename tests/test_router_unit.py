@@ -348,6 +348,7 @@ def test_an_attempt_copies_every_field_and_owns_its_dicts():
         "ignored": [],  # a fresh list per attempt
         "input": ["to embed"],
         "responses_body": {"input": "hi"},
+        "key": "team",
     }
     assert set(values) == {f.name for f in dataclasses.fields(InferenceRequest)}
     original = InferenceRequest(**values)
