@@ -544,3 +544,35 @@ async def test_connections_are_opened_at_start_and_a_burst_shares_them(
     finally:
         await client.close()
         await watcher.close()
+
+
+async def test_concurrent_checks_share_one_round_trip(redis_server: RedisServer) -> None:
+    """The checks of requests that arrive together go out in one pipeline; a script Redis
+    forgot (it restarted) is loaded again and the check still answered."""
+    from inferbridge.shared.client import RedisClient
+    from inferbridge.shared.quotas import RedisQuotaStore
+
+    client = RedisClient(
+        StateConfig(store="redis", url=redis_server.url, prefix="batch", timeout=2)
+    )
+    await client.start()
+    try:
+        sent: list[int] = []
+        pipeline = client._pipeline_calls
+
+        async def counted(calls: Any) -> Any:
+            sent.append(len(calls))
+            return await pipeline(calls)
+
+        client._pipeline_calls = counted  # type: ignore[method-assign]
+        shared = RedisQuotaStore(client)
+        key = Subject("key", "together", rpm=25)
+        verdicts = await asyncio.gather(*(shared.admit([key], f"l{i}") for i in range(40)))
+        assert sum(v.admitted for v in verdicts) == 25
+        assert sent == [40]
+        await client.redis.script_flush()
+        sent.clear()
+        verdict = await shared.admit([Subject("key", "after-flush", rpm=5)], "x")
+        assert verdict.admitted and sent == [1, 1]  # NOSCRIPT, loaded, sent again
+    finally:
+        await client.close()

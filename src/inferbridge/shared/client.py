@@ -1,7 +1,8 @@
 """The connection to the shared store, its failure policy, and its background task.
 
 `RedisClient.call` runs one script for a request (a rate-limit check, an in-flight slot),
-bounded by `state.timeout`: past it, or when Redis refuses the connection, it raises
+bounded by `state.timeout`; the calls of all the requests that ask in one turn of the event
+loop share one pipeline, one round trip. Past the timeout, or when Redis refuses, it raises
 `StoreError` and the caller applies `state.on_store_error`. After a failure the store is
 left alone for `RETRY_DOWN` seconds (calls fail at once, so a dead Redis costs requests
 nothing), then the next call tries again; redis-py reconnects by itself, and a call cut by
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -48,6 +50,17 @@ BACKGROUND_TIMEOUT = 2.0
 
 Op = Callable[[Any], Any]
 """Adds one command to a pipeline (`lambda pipe: pipe.zrem(key, lease)`)."""
+
+
+@dataclass(slots=True)
+class _Call:
+    """A request's script call, waiting for the next pipeline."""
+
+    op: str
+    script: str
+    keys: list[str]
+    args: list[Any]
+    answer: asyncio.Future[Any]
 
 
 class Syncer(Protocol):
@@ -90,6 +103,8 @@ class RedisClient:
         self.held: dict[str, dict[str, None]] = {}
         """Sorted-set key -> the lease ids this replica holds there (refreshed)."""
         self._pending: list[Op] = []
+        self._calls: list[_Call] = []
+        self._call_tasks: set[asyncio.Task[None]] = set()
         self._syncers: list[Syncer] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -123,6 +138,8 @@ class RedisClient:
         """Send what is queued (releases included), stop the task, close the pool."""
         self._closing = True
         self._wake.set()
+        for task in list(self._call_tasks):
+            task.cancel()
         if self._task is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(self._task, self.background_timeout + 1)
@@ -136,9 +153,78 @@ class RedisClient:
 
     # -- calls on the request path ------------------------------------------------------
     async def call(self, op: str, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run script `script` for a request, within `state.timeout`; StoreError else."""
-        run = self.scripts[script]
-        return await self._bounded(op, lambda: run(keys=list(keys), args=list(args)), self.timeout)
+        """Run script `script` for a request, within `state.timeout`; StoreError else.
+
+        The calls of every request that asks in the same turn of the event loop go out
+        together, in one pipeline (`_send_calls`): one round trip for all of them."""
+        loop = asyncio.get_running_loop()
+        if self._down and loop.time() < self._down_until:
+            self._count(op)
+            raise StoreError("the state store is unreachable")
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._calls.append(_Call(op, script, list(keys), list(args), answer))
+        if len(self._calls) == 1:
+            loop.call_soon(self._send_calls)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await answer
+        except TimeoutError as exc:
+            self._failed(op, exc)
+            raise StoreError("the state store did not answer in time") from None
+
+    def _send_calls(self) -> None:
+        calls, self._calls = self._calls, []
+        calls = [c for c in calls if not c.answer.done()]  # not given up on already
+        if calls:
+            task = asyncio.get_running_loop().create_task(self._run_calls(calls))
+            self._call_tasks.add(task)
+            task.add_done_callback(self._call_tasks.discard)
+
+    async def _run_calls(self, calls: list[_Call]) -> None:
+        """One pipeline for `calls`; each gets its result, or StoreError. A script Redis
+        forgot (a restart) is loaded again and its calls sent once more."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                results = await self._pipeline_calls(calls)
+                lost = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+                if lost:
+                    for script in self.scripts.values():
+                        script.sha = await self.redis.script_load(script.script)
+                    again = await self._pipeline_calls([calls[i] for i in lost])
+                    for i, result in zip(lost, again, strict=True):
+                        results[i] = result
+        except (OSError, TimeoutError, RedisError) as exc:
+            self._failed(calls[0].op, exc)
+            for call in calls[1:]:
+                self._count(call.op)
+            for call in calls:
+                if not call.answer.done():
+                    call.answer.set_exception(StoreError(str(exc) or type(exc).__name__))
+            return
+        self._ok()
+        for call, result in zip(calls, results, strict=True):
+            if call.answer.done():
+                continue
+            if isinstance(result, Exception):
+                call.answer.set_exception(StoreError(str(result)))
+            else:
+                call.answer.set_result(result)
+
+    async def _pipeline_calls(self, calls: list[_Call]) -> list[Any]:
+        if len(calls) == 1:  # alone: a plain call costs less than a pipeline of one
+            call = calls[0]
+            try:
+                return [
+                    await self.redis.evalsha(
+                        self.scripts[call.script].sha, len(call.keys), *call.keys, *call.args
+                    )
+                ]
+            except NoScriptError as exc:
+                return [exc]
+        pipe = self.redis.pipeline(transaction=False)
+        for call in calls:
+            self.evalsha(pipe, call.script, call.keys, call.args)
+        return list(await pipe.execute(raise_on_error=False))
 
     async def request_command(self, op: str, command: str, *args: Any, **kwargs: Any) -> Any:
         """One plain command for a request (a stored response's `GET`/`SET`/`DEL`), within
