@@ -576,3 +576,24 @@ async def test_concurrent_checks_share_one_round_trip(redis_server: RedisServer)
         assert verdict.admitted and sent == [1, 1]  # NOSCRIPT, loaded, sent again
     finally:
         await client.close()
+
+
+async def test_a_slot_freed_before_it_was_sent_costs_redis_nothing(
+    redis_server: RedisServer,
+) -> None:
+    from inferbridge.shared.client import RedisClient
+
+    client = RedisClient(StateConfig(store="redis", url=redis_server.url, prefix="short"))
+    await client.start()
+    try:
+        client.hold("short:inflight:d", "a", add=True)
+        client.drop("short:inflight:d", "a")  # within the linger: neither is sent
+        assert client._pending == []
+        client.hold("short:inflight:d", "b", add=True)
+        await client.flush()
+        assert await client.redis.zrange("short:inflight:d", 0, -1) == ["b"]
+        client.drop("short:inflight:d", "b")  # sent already: its removal is
+        await client.flush()
+        assert await client.redis.exists("short:inflight:d") == 0
+    finally:
+        await client.close()

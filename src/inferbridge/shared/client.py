@@ -10,8 +10,9 @@ the timeout closes its connection rather than leaving an unread answer on it. re
 own retries are off: one attempt, within the timeout.
 
 Everything a request does not need to wait for goes through `enqueue` and is sent by one
-background task in pipelines, as soon as it is queued: releases of in-flight slots, token
-charges, usage counters, failures and cooldowns. The same task refreshes the leases this
+background task in pipelines, within `LINGER` (2 ms) of being queued: releases of in-flight
+slots, token charges, usage counters, failures and cooldowns (a slot taken and freed within
+that time is never sent at all). The same task refreshes the leases this
 replica holds (every `lease_ttl / 3`) and reads the other replicas' routing state (every
 `sync_interval`, `RedisStateStore.snapshot`).
 
@@ -45,6 +46,9 @@ log = logging.getLogger("inferbridge.state")
 
 RETRY_DOWN = 0.5
 """Seconds the store is left alone after a failed call."""
+LINGER = 0.002
+"""Seconds the background task waits, once woken, for more writes to send along (a short
+request's slot taken and freed then cancel out)."""
 BACKGROUND_TIMEOUT = 2.0
 """Seconds one background pipeline may take at least (more with a larger `state.timeout`)."""
 
@@ -104,6 +108,8 @@ class RedisClient:
         """Sorted-set key -> the lease ids this replica holds there (refreshed)."""
         self._pending: list[Op] = []
         self._calls: list[_Call] = []
+        self._adding: dict[tuple[str, str], Op] = {}
+        """Lease additions queued and not sent yet, by (sorted-set key, lease)."""
         self._call_tasks: set[asyncio.Task[None]] = set()
         self._syncers: list[Syncer] = []
         self._wake = asyncio.Event()
@@ -264,13 +270,21 @@ class RedisClient:
         """Keep `lease` in sorted set `zkey` alive while held (`add`: it is not there yet)."""
         self.held.setdefault(zkey, {})[lease] = None
         if add:
-            self.enqueue(
-                lambda pipe: self.evalsha(pipe, "leases", [zkey], ["", self.lease_ttl, lease])
-            )
+
+            def op(pipe: Any) -> Any:
+                return self.evalsha(pipe, "leases", [zkey], ["", self.lease_ttl, lease])
+
+            self._adding[(zkey, lease)] = op
+            self.enqueue(op)
 
     def drop(self, zkey: str, lease: str) -> None:
-        """Release `lease`: no more refreshes, and its removal is queued."""
+        """Release `lease`: no more refreshes, and its removal is queued (or, when its
+        addition was not sent yet, neither is: a short request costs Redis nothing)."""
         self.forget(zkey, lease)
+        unsent = self._adding.pop((zkey, lease), None)
+        if unsent is not None:
+            self._pending.remove(unsent)
+            return
         self.enqueue(lambda pipe: pipe.zrem(zkey, lease))
 
     def forget(self, zkey: str, lease: str) -> None:
@@ -294,6 +308,8 @@ class RedisClient:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(interval):
                         await self._wake.wait()
+                if self._wake.is_set() and not self._closing:
+                    await asyncio.sleep(LINGER)  # what the next requests queue goes along
             self._wake.clear()
             closing = self._closing
             try:
@@ -305,6 +321,7 @@ class RedisClient:
 
     async def _sync(self, now: float, closing: bool) -> None:
         ops, self._pending = self._pending, []
+        self._adding.clear()  # sent now: a drop must remove them from Redis
         refresh = not closing and now >= self._next_refresh
         syncers = [] if closing else [s for s in self._syncers if s.due(now)]
         if not ops and not refresh and not syncers:
