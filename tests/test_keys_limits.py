@@ -560,9 +560,9 @@ async def test_concurrent_checks_share_one_round_trip(redis_server: RedisServer)
         sent: list[int] = []
         pipeline = client._pipeline_calls
 
-        async def counted(calls: Any) -> Any:
+        async def counted(ops: Any, calls: Any) -> Any:
             sent.append(len(calls))
-            return await pipeline(calls)
+            return await pipeline(ops, calls)
 
         client._pipeline_calls = counted  # type: ignore[method-assign]
         shared = RedisQuotaStore(client)
@@ -595,5 +595,24 @@ async def test_a_slot_freed_before_it_was_sent_costs_redis_nothing(
         client.drop("short:inflight:d", "b")  # sent already: its removal is
         await client.flush()
         assert await client.redis.exists("short:inflight:d") == 0
+    finally:
+        await client.close()
+
+
+async def test_a_slot_freed_before_a_check_is_free_for_it(redis_server: RedisServer) -> None:
+    """A client whose requests follow one another with `max_parallel: 1` is never refused:
+    the release queued when one ends goes out before the next one's check, in its pipeline."""
+    from inferbridge.shared.client import RedisClient
+    from inferbridge.shared.quotas import RedisQuotaStore
+
+    client = RedisClient(StateConfig(store="redis", url=redis_server.url, prefix="seq"))
+    await client.start()
+    try:
+        shared = RedisQuotaStore(client)
+        key = Subject("key", "one-at-a-time", max_parallel=1)
+        for i in range(20):
+            verdict = await shared.admit([key], f"l{i}")
+            assert verdict.admitted, i
+            shared.finish([key], f"l{i}", 0, None)  # queued, not sent yet
     finally:
         await client.close()

@@ -187,16 +187,21 @@ class RedisClient:
             task.add_done_callback(self._call_tasks.discard)
 
     async def _run_calls(self, calls: list[_Call]) -> None:
-        """One pipeline for `calls`; each gets its result, or StoreError. A script Redis
-        forgot (a restart) is loaded again and its calls sent once more."""
+        """One pipeline for `calls`, after the writes queued so far (a slot freed before a
+        check is free for it, and they share the round trip); each call gets its result,
+        or StoreError. A script Redis forgot (a restart) is loaded again and what used it
+        sent once more."""
+        ops = self._take_pending()
         try:
             async with asyncio.timeout(self.timeout):
-                results = await self._pipeline_calls(calls)
+                results = await self._pipeline_calls(ops, calls)
                 lost = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
                 if lost:
                     for script in self.scripts.values():
                         script.sha = await self.redis.script_load(script.script)
-                    again = await self._pipeline_calls([calls[i] for i in lost])
+                    lost_ops = [ops[i] for i in lost if i < len(ops)]
+                    lost_calls = [calls[i - len(ops)] for i in lost if i >= len(ops)]
+                    again = await self._pipeline_calls(lost_ops, lost_calls)
                     for i, result in zip(lost, again, strict=True):
                         results[i] = result
         except (OSError, TimeoutError, RedisError) as exc:
@@ -206,9 +211,9 @@ class RedisClient:
             for call in calls:
                 if not call.answer.done():
                     call.answer.set_exception(StoreError(str(exc) or type(exc).__name__))
-            return
+            return  # the writes are lost, as when the background task cannot send them
         self._ok()
-        for call, result in zip(calls, results, strict=True):
+        for call, result in zip(calls, results[len(ops) :], strict=True):
             if call.answer.done():
                 continue
             if isinstance(result, Exception):
@@ -216,8 +221,9 @@ class RedisClient:
             else:
                 call.answer.set_result(result)
 
-    async def _pipeline_calls(self, calls: list[_Call]) -> list[Any]:
-        if len(calls) == 1:  # alone: a plain call costs less than a pipeline of one
+    async def _pipeline_calls(self, ops: list[Op], calls: list[_Call]) -> list[Any]:
+        """The results of `ops`, then of `calls`, in one round trip."""
+        if len(calls) == 1 and not ops:  # alone: a plain call costs less than a pipeline
             call = calls[0]
             try:
                 return [
@@ -228,9 +234,18 @@ class RedisClient:
             except NoScriptError as exc:
                 return [exc]
         pipe = self.redis.pipeline(transaction=False)
+        for op in ops:
+            op(pipe)
         for call in calls:
             self.evalsha(pipe, call.script, call.keys, call.args)
         return list(await pipe.execute(raise_on_error=False))
+
+    def _take_pending(self) -> list[Op]:
+        """The writes queued so far, to be sent now (their additions can no longer be
+        cancelled by a drop)."""
+        ops, self._pending = self._pending, []
+        self._adding.clear()
+        return ops
 
     async def request_command(self, op: str, command: str, *args: Any, **kwargs: Any) -> Any:
         """One plain command for a request (a stored response's `GET`/`SET`/`DEL`), within
@@ -320,8 +335,7 @@ class RedisClient:
                 return
 
     async def _sync(self, now: float, closing: bool) -> None:
-        ops, self._pending = self._pending, []
-        self._adding.clear()  # sent now: a drop must remove them from Redis
+        ops = self._take_pending()
         refresh = not closing and now >= self._next_refresh
         syncers = [] if closing else [s for s in self._syncers if s.due(now)]
         if not ops and not refresh and not syncers:
