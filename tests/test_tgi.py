@@ -17,13 +17,11 @@ import pytest
 
 from inferbridge.api.protocol import build_request
 from inferbridge.backends import registry
-from inferbridge.backends.tgi import (
+from inferbridge.backends.tgi import TGIBackend, event_error, tgi_error
+from inferbridge.backends.tgi_params import (
     JSON_OBJECT_REGEX,
-    TGIBackend,
     TGIInfo,
-    event_error,
     stops_for_tgi,
-    tgi_error,
     translate_params,
 )
 from inferbridge.config import load_config

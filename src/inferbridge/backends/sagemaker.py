@@ -62,14 +62,13 @@ from inferbridge.backends.http import load_json, status_error
 from inferbridge.backends.openai_compat import chunk_events, response_events
 from inferbridge.backends.prompting import PromptBuilder, PromptSettings
 from inferbridge.backends.tgi import (
-    DEFAULT_MAX_STOP_SEQUENCES,
     TGIBackend,
-    TGIInfo,
     TokenReader,
     event_error,
     generated_events,
     tgi_error,
 )
+from inferbridge.backends.tgi_params import DEFAULT_MAX_STOP_SEQUENCES, TGIInfo
 from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import UpstreamError, UpstreamTimeout
 from inferbridge.events import Embeddings, Event
