@@ -21,7 +21,8 @@ Streams are SSE `data: {"content": ..., "stop": false}` events ending with one
 `tokens_predicted` (`timings` on builds without them). Errors: HTTP
 `{"error": {"code": N, "message", "type"}}`, in-stream `data: {"error": {...}}` or the
 legacy `error: {...}` line; `exceed_context_size_error` becomes a 400
-`context_length_exceeded`. See docs/backends/llamacpp.md for the parameter table.
+`context_length_exceeded`. Parameters are mapped by `llamacpp_params`; see
+docs/backends/llamacpp.md for the parameter table.
 
 Embeddings (`mode: embeddings` or `both`; the server started with `--embeddings` and a
 pooling type other than `none`) go to the native `POST /embedding` with `content`: the
@@ -44,6 +45,13 @@ from pydantic import Field
 from inferbridge.backends.base import Backend
 from inferbridge.backends.embedding import float_vector, openai_embeddings
 from inferbridge.backends.http import HttpUpstream, ItemParser, error_message, status_error
+from inferbridge.backends.llamacpp_params import (
+    NATIVE_EXTRAS,
+    RENAMED_PARAMS,
+    json_schema,
+    logit_bias,
+    top_logprobs,
+)
 from inferbridge.backends.prompting import (
     PROBE_MESSAGES,
     STARTUP_CHECK_SECONDS,
@@ -55,7 +63,7 @@ from inferbridge.backends.prompting import (
     server_messages,
 )
 from inferbridge.decoders import NDJSONDecoder
-from inferbridge.errors import InvalidRequest, UpstreamError, UpstreamRejected, UpstreamUnavailable
+from inferbridge.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable
 from inferbridge.events import Embeddings, Event, Finish, TextDelta, Usage
 from inferbridge.request import InferenceRequest
 from inferbridge.templates import ChatTemplate, TemplateError, merge_stops
@@ -78,49 +86,6 @@ class LlamaCppSettings(PromptSettings):
         "model's own template, as llama-server reports it in GET /props.",
     )
 
-
-# OpenAI parameter -> /completion field, for values passed on unchanged.
-_RENAMED = {
-    "max_tokens": "n_predict",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "seed": "seed",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-}
-
-# Native sampling/control fields a client may send as extras; forwarded as they are.
-_NATIVE_EXTRAS = frozenset(
-    {
-        "top_k",
-        "min_p",
-        "typical_p",
-        "repeat_penalty",
-        "repeat_last_n",
-        "mirostat",
-        "mirostat_tau",
-        "mirostat_eta",
-        "n_keep",
-        "ignore_eos",
-        "grammar",
-        "json_schema",
-        "dynatemp_range",
-        "dynatemp_exponent",
-        "dry_multiplier",
-        "dry_base",
-        "dry_allowed_length",
-        "dry_penalty_last_n",
-        "dry_sequence_breakers",
-        "xtc_probability",
-        "xtc_threshold",
-        "top_n_sigma",
-        "min_keep",
-        "samplers",
-        "t_max_predict_ms",
-        "cache_prompt",
-        "id_slot",
-    }
-)
 
 _STOP_BOOLEANS = (("stopped_limit", "limit"), ("stopped_eos", "eos"), ("stopped_word", "word"))
 
@@ -326,7 +291,7 @@ class LlamaCppBackend(Backend):
             "response_format",
         }
     )
-    supported_extras = _NATIVE_EXTRAS | {"repetition_penalty"}
+    supported_extras = NATIVE_EXTRAS | {"repetition_penalty"}
     accepts_token_prompts = True
     embedding_extras = frozenset({"embd_normalize"})
 
@@ -486,20 +451,20 @@ class LlamaCppBackend(Backend):
             body["id_slot"] = body["slot_id"] = self.settings.slot_id
         if stops:
             body["stop"] = list(stops)
-        for name, field in _RENAMED.items():
+        for name, field in RENAMED_PARAMS.items():
             if name in params:
                 body[field] = params[name]
         if "logit_bias" in params:
-            body["logit_bias"] = _logit_bias(params["logit_bias"])
-        top = _top_logprobs(request)
+            body["logit_bias"] = logit_bias(params["logit_bias"])
+        top = top_logprobs(request)
         if top is not None:
             body["n_probs"] = max(top, 1)
         if "response_format" in params:
-            body["json_schema"] = _json_schema(params["response_format"])
+            body["json_schema"] = json_schema(params["response_format"])
         extras = request.extras
         if "repetition_penalty" in extras:
             body["repeat_penalty"] = extras["repetition_penalty"]
-        for key in _NATIVE_EXTRAS.intersection(extras):
+        for key in NATIVE_EXTRAS.intersection(extras):
             body[key] = extras[key]
         if "id_slot" in extras:
             body["slot_id"] = extras["id_slot"]
@@ -508,7 +473,7 @@ class LlamaCppBackend(Backend):
     async def stream(self, request: InferenceRequest) -> AsyncIterator[list[Event]]:
         prompt, stops = await self.prompt(request)
         body = self.payload(request, prompt, stops)
-        reader = _ResultReader(self.label, request.kind == "chat", _top_logprobs(request))
+        reader = _ResultReader(self.label, request.kind == "chat", top_logprobs(request))
         async with self.http.post("/completion", body) as resp:
             if not request.stream:
                 data = await self.http.read_json(resp)
@@ -577,33 +542,3 @@ def llamacpp_embeddings(label: str, data: Any) -> Embeddings:
     counts = [i.get("tokens_evaluated", i.get("n_tokens")) for i in items]
     tokens = sum(counts) if all(isinstance(c, int) for c in counts) else None
     return Embeddings(vectors, tokens)
-
-
-def _top_logprobs(request: InferenceRequest) -> int | None:
-    """How many alternatives per token the client wants, or None without logprobs."""
-    logprobs = request.params.get("logprobs")
-    if request.kind == "chat":
-        return int(request.params.get("top_logprobs") or 0) if logprobs else None
-    return int(logprobs) if logprobs else None
-
-
-def _logit_bias(bias: Any) -> list[list[Any]]:
-    """OpenAI's `{"token id": bias}` as llama.cpp's `[[id, bias]]` (read by every build)."""
-    try:
-        return [[int(token), value] for token, value in dict(bias).items()]
-    except (TypeError, ValueError):
-        raise InvalidRequest(
-            "logit_bias keys must be token ids (integers as strings).", param="logit_bias"
-        ) from None
-
-
-def _json_schema(fmt: Any) -> dict[str, Any]:
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind == "json_object":
-        return fmt.get("schema") or {"type": "object"}  # OpenAI: any JSON object
-    if kind == "json_schema":
-        spec = fmt.get("json_schema") or {}
-        return spec.get("schema") or {}
-    raise InvalidRequest(
-        f"response_format type {kind!r} is not supported by llama.cpp.", param="response_format"
-    )
