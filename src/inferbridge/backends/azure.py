@@ -25,8 +25,8 @@ from urllib.parse import quote
 from pydantic import Field, model_validator
 from yarl import URL
 
-from inferbridge.backends.http import join_url
 from inferbridge.backends.openai_compat import OpenAICompatBackend, OpenAICompatSettings
+from inferbridge.backends.urls import join_url
 from inferbridge.request import InferenceRequest
 
 V1_SUFFIX = "/openai/v1"

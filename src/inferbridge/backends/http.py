@@ -1,5 +1,6 @@
 """The HTTP client every HTTP backend uses (aiohttp). Failures are mapped to errors by
-`upstream_errors`; streamed bodies are read as events by `stream_parsing`.
+`upstream_errors`; streamed bodies are read as events by `stream_parsing`; URLs and TLS
+settings come from `urls`.
 
 One `HttpUpstream` per deployment owns one `aiohttp.ClientSession` (opened in `start()`,
 closed in `close()`) configured from the entry: timeouts, connection limit, proxy, TLS,
@@ -13,8 +14,8 @@ body limit. It turns every transport failure and every answer outside 2xx into a
 `parser` (a `StreamParser`, usually an `ItemParser` over an SSE or NDJSON decoder) turns
 the body into events, one batch per upstream read. `iter_chunks(resp)` gives the raw body
 pieces for protocols that need their own loop; `read_json(resp)` the whole body, parsed.
-`path` is joined to the base URL's path, the base URL's query string kept (`join_url`), or
-is an absolute URL (Replicate's stream and cancel URLs).
+`path` is joined to the base URL's path, the base URL's query string kept
+(`urls.join_url`), or is an absolute URL (Replicate's stream and cancel URLs).
 
 `resp` (an `UpstreamResponse`) has `status`, `headers.get(name)` (any case) and
 `await resp.read()`. What the client guarantees:
@@ -42,13 +43,10 @@ is an absolute URL (Replicate's stream and cancel URLs).
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import getproxies_environment, proxy_bypass_environment
 
 import aiohttp
@@ -65,6 +63,7 @@ from inferbridge.backends.upstream_errors import (
     status_error,
     transport_error,
 )
+from inferbridge.backends.urls import join_url, split_user_info, ssl_context, without_query
 from inferbridge.config import ConfigError, DeploymentConfig, TLSConfig
 from inferbridge.errors import (
     UpstreamError,
@@ -81,7 +80,6 @@ __all__ = [  # what adapters import from here
     "UpstreamResponse",
     "error_code",
     "error_message",
-    "join_url",
     "load_json",
     "status_error",
     "transport_error",
@@ -102,62 +100,7 @@ Origin = tuple[str, str, int | None]
 log = logging.getLogger("inferbridge.upstream")
 
 
-def split_user_info(url: str) -> tuple[str, str | None]:
-    """`http://user:pass@host/...` -> the URL without them and a Basic `Authorization`
-    value (None when the URL has no user info)."""
-    parts = urlsplit(url)
-    if parts.username is None:
-        return url, None
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    plain = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    user, password = unquote(parts.username), unquote(parts.password or "")
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return plain, f"Basic {token}"
-
-
-def join_url(base: str, path: str, *, strip: str = "") -> str:
-    """`path` (which may carry a query of its own) appended to the path of the URL `base`,
-    whose query string is kept (before `path`'s): `http://h/v1?api-version=1` and
-    `/chat/completions` make `http://h/v1/chat/completions?api-version=1`. `strip` is a
-    suffix taken off `base`'s path first (vLLM's `/tokenize` is beside `/v1`, not in it).
-    `path` is used as given, percent-encoding included."""
-    url = URL(base)
-    route, _, query = path.partition("?")
-    root = url.raw_path.rstrip("/")
-    if strip:
-        root = root.removesuffix(strip.rstrip("/"))
-    joined = url.with_path(root + route, encoded=True, keep_query=False, keep_fragment=False)
-    query = "&".join(q for q in (url.raw_query_string, query) if q)
-    return str(joined) + ("?" + query if query else "")
-
-
-def without_query(url: str) -> str:
-    """`url` without its query string, fragment and user info (for logs)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(an invalid URL)"
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 _FAILURES = (aiohttp.ClientError, OSError)
-
-
-def ssl_context(tls: TLSConfig | None) -> ssl.SSLContext | bool:
-    """The TLS settings of an entry's connections (True: the system's CAs, verified)."""
-    if tls is None:
-        return True
-    ctx = ssl.create_default_context(cafile=tls.ca_file)
-    if not tls.verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if tls.client_cert is not None:
-        ctx.load_cert_chain(tls.client_cert, tls.client_key)
-    return ctx
 
 
 Reader = Callable[[], Awaitable[bytes]]

@@ -39,11 +39,11 @@ from inferbridge.backends.http import (
     HttpUpstream,
     ItemParser,
     error_message,
-    join_url,
     load_json,
     status_error,
 )
 from inferbridge.backends.responses_events import ResponsesStreamParser, response_object_events
+from inferbridge.backends.urls import join_url
 from inferbridge.config import DeploymentConfig
 from inferbridge.decoders import ServerSentEvent, SSEDecoder
 from inferbridge.errors import UpstreamError
