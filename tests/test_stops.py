@@ -66,3 +66,40 @@ def test_covered_stops_still_decide_where_the_text_is_cut():
     assert out == ["hi"] and stopped
     out, _, stopped = run(["hi\n<bot>: more"], covering_stops(stops))
     assert out == ["hi\n"] and stopped
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """What must be held back after `text` (with no stop in it): the longest suffix that
+    is a proper prefix of some stop, found the slow, obvious way."""
+    return max(
+        (k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])),
+        default=0,
+    )
+
+
+def test_the_cutter_agrees_with_the_obvious_rule_on_random_streams():
+    """Random stops and texts over a small alphabet (borders, overlaps, repeats), fed in
+    random pieces: what is emitted, what is held back and where it stops are exactly what
+    the obvious (quadratic) rule says."""
+    import random
+
+    rng = random.Random(20261208)
+    for _ in range(3000):
+        stops = ["".join(rng.choice("ab ") for _ in range(rng.randint(1, 6))) for _ in "xyz"]
+        text = "".join(rng.choice("ab ") for _ in range(rng.randint(0, 40)))
+        cutter = StopCutter(stops)
+        emitted, fed = "", ""
+        i = 0
+        while i < len(text) and not cutter.stopped:
+            piece = text[i : i + rng.randint(1, 5)]
+            i += len(piece)
+            fed += piece
+            emitted += cutter.feed(piece)
+            if not cutter.stopped:
+                assert len(fed) - len(emitted) == _held_back(fed, stops), (stops, fed)
+        emitted += cutter.flush()
+        # a stream stops on the piece that completes a stop; it is cut where the earliest
+        # stop complete by then starts
+        found = [at for at in (fed.find(s) for s in stops) if at != -1]
+        assert cutter.stopped == bool(found), (stops, fed)
+        assert emitted == (fed[: min(found)] if found else fed), (stops, fed)

@@ -30,7 +30,7 @@ class StopCutter:
     __slots__ = ("_buf", "_keep", "stopped", "stops")
 
     def __init__(self, stops: list[str] | tuple[str, ...]) -> None:
-        self.stops = [s for s in stops if s]
+        self.stops = list(dict.fromkeys(s for s in stops if s))
         self._keep = max((len(s) for s in self.stops), default=1) - 1
         self._buf = ""
         self.stopped = False

@@ -206,9 +206,11 @@ class StreamOptions(TypedDict):
     include_usage: NotRequired[bool | None]
 
 
-MAX_STOPS = 64
-"""Stop sequences a request may give (OpenAI takes 4; local servers take more)."""
-MAX_STOP_CHARS = 1_000
+MAX_STOPS = 16
+"""Stop sequences a request may give (OpenAI takes 4; local servers take more). Where the
+proxy enforces them itself, each token costs a search per stop string over the held-back
+text: 16 of at most 200 characters keep that small."""
+MAX_STOP_CHARS = 200
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 

@@ -32,6 +32,9 @@ from inferbridge.events import Embeddings, Event, Finish, TextDelta, Usage
 from inferbridge.request import InferenceRequest, last_user_text, message_text
 from inferbridge.stops import StopCutter
 
+TURN_EVERY = 512
+"""Words of an answer without `delay` between two turns given to the event loop."""
+
 
 class EchoSettings(DeploymentConfig):
     delay: float = Field(default=0.0, ge=0, description="Seconds before each token.")
@@ -132,6 +135,11 @@ class EchoBackend(Backend):
                 await asyncio.sleep(delay)
                 yield batch
                 batch = []
+            elif produced % TURN_EVERY == 0:  # a long answer lets other requests run too
+                await asyncio.sleep(0)
+                if batch:
+                    yield batch
+                    batch = []
         rest = cutter.flush()
         if rest:
             batch.append(TextDelta(rest))
