@@ -150,6 +150,13 @@ class Redirecting(FaultyOpenAI):
         (500, "internal error at http://127.0.0.1:19403/e500/v1", ["127.0.0.1", "19403"], "<url>"),
         (401, "Incorrect API key provided: sk-upstr*****T123.", ["sk-upstr", "T123"], "***"),
         (302, None, ["evil.example", "token", "abc"], "redirect (HTTP 302)"),
+        (
+            500,
+            "down: [fd00::1]:8000, 2001:db8::42, gpu7.internal:8000, localhost:11434, "
+            "alice:pw@db.internal, password=hunter2, ghp_0123456789abcdefghij0123",
+            ["fd00", "db8", "gpu7", "11434", "alice", "hunter2", "ghp_0123"],
+            "<address>",
+        ),
     ],
 )
 def test_upstream_error_text_shows_no_address_key_or_redirect_target(
@@ -394,3 +401,21 @@ async def test_a_queued_request_gives_up_after_queue_timeout(serve, fakes):
     with pytest.raises(openai.RateLimitError, match="queue_timeout"):
         await client.chat.completions.create(model="m", messages=MESSAGES)
     await held.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("model 'llama3:8b' failed: context length 4096 exceeded", True),
+        ('model "qwen2.5:7b" not found, try pulling it first', True),
+        ("Invalid 'temperature': expected a value <= 2, but got 3", True),
+        ("Error: 404 at 12:30", True),
+        ("backend 'vllm' (m[0]) failed (HTTP 401): bad key", True),
+        ("connect to fe80::1 failed", False),
+        ("api-key=0123456789abcdef0123456789abcdef", False),
+    ],
+)
+def test_scrub_keeps_ordinary_words(text, kept):
+    from inferbridge.backends.upstream_errors import scrub
+
+    assert (scrub(text) == text) is kept, scrub(text)

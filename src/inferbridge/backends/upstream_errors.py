@@ -158,21 +158,35 @@ def deployment_failure(error: UpstreamError) -> UpstreamError:
 
 
 # What upstream-supplied text must not show a client (`scrub`): URLs of any scheme (to the
-# last character that is not sentence punctuation), IPv4 addresses with or without a port,
-# and what looks like a credential: OpenAI/Anthropic-style keys (`sk-...`, with the stars
-# of a partly masked one), Hugging Face and Replicate tokens, AWS access key ids, and the
-# value after `Bearer`/`Basic` (unless it is a lowercase word: "Bearer token required").
+# last character that is not sentence punctuation); addresses: IPv4 and IPv6 (bracketed or
+# not, with or without a port), `user:password@host`, and a host name with a port
+# (`localhost:11434`, `gpu7.internal:8000`); and what looks like a credential:
+# OpenAI/Anthropic-style keys (`sk-...`, with the stars of a partly masked one), Hugging
+# Face, Replicate and GitHub tokens, AWS access key ids, the value after `Bearer`/`Basic`
+# (unless it is a lowercase word: "Bearer token required") or after `password=`,
+# `token=`, `api-key=`..., and any run of 32 or more hex digits.
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s\"'<>`]*[^\s\"'<>`.,;:!?)\]}]")
-_ADDRESS = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?(?![\w.])")
+_ADDRESS = re.compile(
+    r"[\w.%+\-]+:[^\s@/:]+@[\w.\-]+(?::\d{1,5})?"  # user:password@host
+    r"|\[[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*\](?::\d{1,5})?"  # [IPv6]:port
+    r"|(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{1,4})*(?![\w:]|\.\d)"
+    r"|(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:){0,6}[0-9A-Fa-f]{0,4}::"  # fe80::1, ::ffff:...
+    r"(?:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4})*)?(?![\w:]|\.\d)"
+    r"|(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?(?!\w|\.\d)"  # IPv4[:port]
+    r"|(?<![\w.\-])(?:localhost|[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+):\d{1,5}\b"  # host:port
+)
 _KEY = re.compile(
-    r"(?<![\w*-])(?:(?:sk|pk|rk)[-_][\w*\-]{3,}|(?:hf|r8)_[\w*]{6,}|A[KS]IA[0-9A-Z*]{8,})"
+    r"(?<![\w*-])(?:(?:sk|pk|rk)[-_][\w*\-]{3,}|(?:hf|r8)_[\w*]{6,}|A[KS]IA[0-9A-Z*]{8,}"
+    r"|gh[pousr]_[A-Za-z0-9*]{16,}|[0-9A-Fa-f]{32,})"
     r"|(?<=\b[Bb]earer )(?![a-z]+(?:[\s,;]|$))[^\s\"',;]+"
     r"|(?<=\bBasic )(?![a-z]+(?:[\s,;]|$))[^\s\"',;]+"
+    r"|(?i:(?<=password=)|(?<=passwd=)|(?<=secret=)|(?<=token=)|(?<=api-key=)|(?<=api_key=)"
+    r"|(?<=apikey=))[^\s\"',;&]+"
 )
 
 
 def scrub(text: str) -> str:
-    """`text` without URLs (`<url>`), IPv4 addresses (`<address>`) and key-like fragments
+    """`text` without URLs (`<url>`), addresses (`<address>`) and key-like fragments
     (`***`)."""
     if "://" in text:
         text = _URL.sub("<url>", text)
