@@ -356,3 +356,19 @@ def test_past_limit_concurrency_new_requests_are_refused_not_queued():
                 sock.close()
         time.sleep(0.2)
         assert httpx.post(srv.url + "/v1/chat/completions", json=CHAT, timeout=5).status_code == 200
+
+
+def test_client_given_names_are_cut_and_escaped_in_messages(srv):
+    """A path, a response id or a tool name the client chose is repeated in an error cut
+    to 200 characters, control characters escaped."""
+    headers = {"authorization": "Bearer sk-test"}
+    long_path = "/v1/" + "Q" * 5000 + "%1b%00"
+    r = httpx.get(srv.url + long_path, headers=headers, timeout=10)
+    assert r.status_code == 404 and len(r.json()["error"]["message"]) < 400
+    r = httpx.get(srv.url + "/v1/responses/resp_" + "Z" * 5000, headers=headers, timeout=10)
+    assert r.status_code == 404 and len(r.json()["error"]["message"]) < 400
+    tools = [{"type": "function", "function": {"name": "a"}}]
+    choice = {"type": "function", "function": {"name": "x\x1b" * 50_000}}
+    r = post(srv, {**CHAT, "tools": tools, "tool_choice": choice})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and len(message) < 400 and "\x1b" not in message

@@ -40,7 +40,7 @@ from inferbridge.api.serving import (
     request_id_of,
 )
 from inferbridge.config import Config, load_config
-from inferbridge.errors import InferbridgeError
+from inferbridge.errors import InferbridgeError, shown_name
 from inferbridge.gateway import Gateway
 from inferbridge.logs import log_startup
 
@@ -162,7 +162,7 @@ def add_error_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, exc: HTTPException) -> Response:
         detail = str(exc.detail)
         if exc.status_code in (404, 405):
-            detail = f"{detail}: {request.method} {request.url.path}"
+            detail = f"{detail}: {request.method} {shown_name(request.url.path)}"
         err = InferbridgeError(detail, status=exc.status_code, headers=exc.headers)
         err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         err.code = HTTP_CODES.get(exc.status_code)

@@ -29,7 +29,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
-from inferbridge.errors import InvalidRequest
+from inferbridge.errors import InvalidRequest, shown_name
 from inferbridge.request import InferenceRequest, Kind
 
 # Every schema is a TypedDict validated by pydantic: the same checks and error locations as
@@ -518,7 +518,8 @@ def check_tool_choice(choice: Any, tools: Sequence[dict[str, Any]]) -> None:
         names = {(t.get("function") or {}).get("name") for t in tools}
         if name not in names:
             raise InvalidRequest(
-                f"Invalid value for 'tool_choice': function '{name}' is not one of 'tools'.",
+                f"Invalid value for 'tool_choice': function '{shown_name(str(name))}' is not "
+                "one of 'tools'.",
                 param="tool_choice",
             )
 

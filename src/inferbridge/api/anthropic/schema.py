@@ -33,7 +33,7 @@ from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from inferbridge.api.protocol import MAX_STOPS, StopString, normalize
-from inferbridge.errors import InvalidRequest
+from inferbridge.errors import InvalidRequest, shown_name
 from inferbridge.request import InferenceRequest
 
 _closed = with_config(ConfigDict(extra="forbid", strict=True))
@@ -455,7 +455,9 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
         raise _refuse("tool_choice", "tool_choice 'any' needs at least one tool in 'tools'.")
     if choice is not None:
         if choice["type"] == "tool" and not any(t["name"] == choice["name"] for t in tools or ()):
-            raise _refuse("tool_choice.name", f"no tool named '{choice['name']}' in 'tools'.")
+            raise _refuse(
+                "tool_choice.name", f"no tool named '{shown_name(choice['name'])}' in 'tools'."
+            )
         _tool_choice(choice, chat)
     user = (body.get("metadata") or {}).get("user_id")
     if user:

@@ -31,7 +31,7 @@ from inferbridge.api.responses_api.store import (
 )
 from inferbridge.api.responses_api.translate import ResponsesCall, new_id
 from inferbridge.api.serving import CompletionService
-from inferbridge.errors import InferbridgeError, InvalidRequest, NotFound
+from inferbridge.errors import InferbridgeError, InvalidRequest, NotFound, shown_name
 from inferbridge.gateway import Gateway
 from inferbridge.request import InferenceRequest
 
@@ -200,7 +200,7 @@ async def delete_response(response_id: str, request: Request) -> Response:
 
 
 def _not_found(response_id: str) -> NotFound:
-    return NotFound(f"Response with id '{response_id}' not found.")
+    return NotFound(f"Response with id '{shown_name(response_id)}' not found.")
 
 
 def include_responses_api(app: FastAPI) -> None:

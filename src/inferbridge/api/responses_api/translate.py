@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from inferbridge import ids
 from inferbridge.api.protocol import SCHEMAS, ChatCompletionRequest, normalize, validation_error
 from inferbridge.api.responses_api.schema import FIELDS
-from inferbridge.errors import InvalidRequest, NotFound
+from inferbridge.errors import InvalidRequest, NotFound, shown_name
 from inferbridge.request import InferenceRequest
 
 _CHAT_FIELDS = frozenset(
@@ -109,7 +109,7 @@ class ResponsesCall:
         previous_id = self.body.get("previous_response_id")
         if previous_id is not None and self.previous is None:
             raise NotFound(
-                f"Previous response with id '{previous_id}' not found.",
+                f"Previous response with id '{shown_name(previous_id)}' not found.",
                 param="previous_response_id",
             )
         request = normalize("chat", self.chat_body())
@@ -233,7 +233,7 @@ class ResponsesCall:
             elif kind == "function_call_output" and item["call_id"] not in calls:
                 raise InvalidRequest(
                     "No tool call found for function call output with call_id "
-                    f"{item['call_id']} ({where}).",
+                    f"{shown_name(item['call_id'])} ({where}).",
                     param="input",
                 )
             add_item(out, item, where)
@@ -252,8 +252,8 @@ def check_tool_choice(choice: Any, tools: list[dict[str, Any]]) -> None:
         )
     if isinstance(choice, dict) and choice["name"] not in {t["name"] for t in tools}:
         raise InvalidRequest(
-            f"Invalid value for 'tool_choice': function '{choice['name']}' not found in the "
-            "'tools' parameter.",
+            f"Invalid value for 'tool_choice': function '{shown_name(choice['name'])}' not "
+            "found in the 'tools' parameter.",
             param="tool_choice",
         )
 
