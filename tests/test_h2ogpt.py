@@ -364,10 +364,10 @@ def test_concurrent_burst_runs_in_parallel_and_loop_stays_responsive(
 
     single, texts, elapsed, health_times = asyncio.run(scenario())
     assert texts == [fake.reply] * 8
-    assert elapsed < 8 * single / 3, (elapsed, single)  # serial would take 8 * single
+    assert elapsed < 8 * single / 2, (elapsed, single)  # serial would take 8 * single
     assert fake.max_active >= 6
     # a blocking call on the event loop would stall /health for a whole job (~1 s)
-    assert max(health_times) < 0.3, health_times
+    assert max(health_times) < 0.8, health_times
 
 
 def test_client_disconnect_cancels_only_its_own_job(

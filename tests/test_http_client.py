@@ -648,22 +648,22 @@ async def test_per_request_timeouts_on_one_connection() -> None:
             if req[0].startswith("GET /hang"):
                 await asyncio.sleep(5)
             if req[0].startswith("GET /slow"):
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(0.6)
             await conn.answer(b'{"ok": true}')
 
-    async with Server(handle) as srv, upstream(srv.url, timeout=0.3) as http:
+    async with Server(handle) as srv, upstream(srv.url, timeout=1.0) as http:
         loop = asyncio.get_running_loop()
         async with http.request("GET", "/") as resp:
             await resp.read()
         start = loop.time()
         with pytest.raises(UpstreamTimeout):
-            async with http.request("GET", "/hang", timeout=0.05):
+            async with http.request("GET", "/hang", timeout=0.1):
                 pass
-        assert loop.time() - start < 0.2
+        assert loop.time() - start < 0.8  # its own 0.1 s, not the entry's 1 s
         async with http.request("GET", "/") as resp:  # a new connection (that one was closed)
             await resp.read()
-        await asyncio.sleep(0.15)
-        async with http.request("GET", "/slow") as resp:  # its own 0.3 s, from its start
+        await asyncio.sleep(0.5)
+        async with http.request("GET", "/slow") as resp:  # its own 1 s, from its start
             assert await http.read_json(resp) == {"ok": True}
     assert srv.connections == 2
 

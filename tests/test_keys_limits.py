@@ -405,7 +405,11 @@ def test_429_over_max_parallel(server: InferbridgeServer) -> None:
     client = sdk(server, "sk-par")
     first = threading.Thread(target=say, args=(client, "slow", "a b c d"))
     first.start()
-    time.sleep(0.2)
+    in_flight = 'inferbridge_requests_in_flight{model="slow"} 1.0'
+    deadline = time.monotonic() + 5
+    while in_flight not in httpx.get(server.url + "/metrics").text:  # the first one is in
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     with pytest.raises(openai.RateLimitError) as info:
         say(client)
     assert "max_parallel" in info.value.message

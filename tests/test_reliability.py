@@ -251,7 +251,7 @@ def test_cooldown_takes_a_failing_deployment_out_and_the_probe_brings_it_back(se
     flaky.behaviour.status = 500
     srv = serve(
         {
-            "router": {"allowed_fails": 2, "cooldown": 1.0},
+            "router": {"allowed_fails": 2, "cooldown": 3.0},
             "models": [entry(flaky, weight=1000), entry(steady, weight=0.001)],
         }
     )
@@ -263,7 +263,9 @@ def test_cooldown_takes_a_failing_deployment_out_and_the_probe_brings_it_back(se
         assert chat(srv, stream=True) == (ANSWER, "m")
     assert flaky.served == 2  # out of rotation
     flaky.behaviour.status = 200
-    time.sleep(1.05)
+    deadline = time.monotonic() + 10
+    while states(srv) != ["half_open", "ok"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert states(srv) == ["half_open", "ok"]
     assert chat(srv) == (ANSWER, "m")
     assert flaky.served == 3  # the probe went there and succeeded
@@ -275,12 +277,14 @@ def test_a_failed_probe_starts_a_new_cooldown(serve, fakes):
     flaky.behaviour.status = 503
     srv = serve(
         {
-            "router": {"allowed_fails": 1, "cooldown": 0.5},
+            "router": {"allowed_fails": 1, "cooldown": 2.0},
             "models": [entry(flaky, weight=1000), entry(steady, weight=0.001)],
         }
     )
     assert chat(srv) == (ANSWER, "m")
-    time.sleep(0.55)
+    deadline = time.monotonic() + 10
+    while states(srv) != ["half_open", "ok"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert chat(srv) == (ANSWER, "m")  # probe failed, retried on the steady one
     assert flaky.served == 2
     assert states(srv) == ["cooling_down", "ok"]
@@ -377,12 +381,20 @@ def test_full_deployments_answer_429_with_retry_after(serve, fakes):
 
 async def test_a_full_deployment_queues_then_serves(serve, fakes):
     (fake,) = fakes(1)
-    fake.behaviour.delay_between_chunks = 0.1
-    srv = serve({"models": [entry(fake, max_concurrent=1, max_queue=1, queue_timeout=5)]})
+    fake.behaviour.delay_between_chunks = 0.3
+    srv = serve({"models": [entry(fake, max_concurrent=1, max_queue=1, queue_timeout=10)]})
     client = srv.async_openai()
     held = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
     waiting = asyncio.create_task(client.chat.completions.create(model="m", messages=MESSAGES))
-    await asyncio.sleep(0.1)
+
+    def queued() -> int:
+        report = httpx.get(srv.url + "/health/readiness", timeout=5).json()
+        return report["models"]["m"]["deployments"][0]["queued"]
+
+    for _ in range(100):  # until the waiting request holds the queue place
+        if queued() == 1:
+            break
+        await asyncio.sleep(0.05)
     with pytest.raises(openai.RateLimitError):  # the one queue place is taken
         await client.chat.completions.create(model="m", messages=MESSAGES)
     assert fake.served == 1

@@ -278,7 +278,11 @@ def test_a_cooldown_started_on_one_replica_holds_on_the_others(cluster: Cluster)
             if bad.requests:
                 break
     assert bad.requests, "the failing deployment was never picked"
-    time.sleep(5 * SYNC)
+    for replica in cluster.replicas[1:]:  # within a few sync intervals
+        deadline = time.monotonic() + 5
+        while cluster.deployment(replica, "flaky", 0)["state"] != "cooling_down":
+            assert time.monotonic() < deadline, "the cooldown did not reach the other replicas"
+            time.sleep(SYNC)
     tried = len(bad.requests)
     before = len(good.requests)
     for replica in cluster.replicas[1:]:
