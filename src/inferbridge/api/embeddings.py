@@ -23,6 +23,7 @@ from pydantic import ConfigDict, Field, with_config
 from typing_extensions import TypedDict
 
 from inferbridge.api.protocol import check_values, one_error
+from inferbridge.api.serving import ERRORS as SERVING_ERRORS
 from inferbridge.api.serving import CompletionService, error_response
 from inferbridge.backends.embedding import encode_base64
 from inferbridge.errors import InferbridgeError, InvalidRequest, UpstreamError
@@ -156,13 +157,8 @@ class EmbeddingsRenderer:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    **SERVING_ERRORS,
     400: {"description": "Invalid request, or a model that does not serve embeddings"},
-    401: {"description": "Missing or wrong API key"},
-    404: {"description": "Unknown model"},
-    429: {"description": "Rate limited or every deployment busy"},
-    502: {"description": "The backend failed"},
-    503: {"description": "No deployment available"},
-    504: {"description": "The backend timed out"},
 }
 
 router = APIRouter(tags=["openai"])

@@ -19,7 +19,7 @@ from inferbridge.api.anthropic.routes import router as anthropic
 from inferbridge.api.embeddings import include_embeddings
 from inferbridge.api.protocol import ChatCompletionRequest, CompletionRequest
 from inferbridge.api.responses_api import include_responses_api
-from inferbridge.api.serving import CompletionService
+from inferbridge.api.serving import ERRORS, CompletionService
 from inferbridge.api.usage import identity_of
 from inferbridge.api.usage import router as usage_routes
 from inferbridge.errors import AuthenticationFailed, ModelNotFound
@@ -27,16 +27,6 @@ from inferbridge.gateway import Gateway
 
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Invalid request (OpenAI error envelope naming the field)"},
-    401: {"description": "Missing or wrong API key"},
-    404: {"description": "Unknown model"},
-    429: {"description": "Rate limited or every deployment busy"},
-    502: {"description": "The backend failed"},
-    503: {"description": "No deployment available"},
-    504: {"description": "The backend timed out"},
-}
 
 
 def gateway_of(request: Request) -> Gateway:

@@ -52,6 +52,17 @@ Batches = AsyncIterator[Sequence[Event]]
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
 
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Invalid request (OpenAI error envelope naming the field)"},
+    401: {"description": "Missing or wrong API key"},
+    404: {"description": "Unknown model"},
+    429: {"description": "Rate limited or every deployment busy"},
+    502: {"description": "The backend failed"},
+    503: {"description": "No deployment available"},
+    504: {"description": "The backend timed out"},
+}
+"""The error answers of the OpenAI-dialect generation routes, for `/openapi.json`."""
+
 
 class ClientGone(Exception):
     """The client disconnected before the answer was ready."""

@@ -30,19 +30,16 @@ from inferbridge.api.responses_api.store import (
     StoredResponse,
 )
 from inferbridge.api.responses_api.translate import ResponsesCall, new_id
+from inferbridge.api.serving import ERRORS as SERVING_ERRORS
 from inferbridge.api.serving import CompletionService
 from inferbridge.errors import InferbridgeError, InvalidRequest, NotFound, shown_name
 from inferbridge.gateway import Gateway
 from inferbridge.request import InferenceRequest
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Invalid request (OpenAI error envelope naming the field)"},
-    401: {"description": "Missing or wrong API key"},
+    **SERVING_ERRORS,
     404: {"description": "Unknown model, or unknown previous_response_id"},
-    429: {"description": "Rate limited or every deployment busy"},
-    502: {"description": "The backend failed"},
     503: {"description": "No deployment available, or the response store did not answer"},
-    504: {"description": "The backend timed out"},
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such stored response"},
