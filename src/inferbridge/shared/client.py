@@ -133,8 +133,7 @@ class RedisClient:
                 await asyncio.gather(
                     *(self.redis.ping() for _ in range(self.config.max_connections))
                 )
-                for script in self.scripts.values():
-                    script.sha = await self.redis.script_load(script.script)
+                await self._load_scripts()
         except Exception as exc:
             self._failed("connect", exc)
         self._next_refresh = loop.time() + self.lease_ttl / 3
@@ -197,8 +196,7 @@ class RedisClient:
                 results = await self._pipeline_calls(ops, calls)
                 lost = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
                 if lost:
-                    for script in self.scripts.values():
-                        script.sha = await self.redis.script_load(script.script)
+                    await self._load_scripts()
                     lost_ops = [ops[i] for i in lost if i < len(ops)]
                     lost_calls = [calls[i - len(ops)] for i in lost if i >= len(ops)]
                     again = await self._pipeline_calls(lost_ops, lost_calls)
@@ -239,6 +237,12 @@ class RedisClient:
         for call in calls:
             self.evalsha(pipe, call.script, call.keys, call.args)
         return list(await pipe.execute(raise_on_error=False))
+
+    async def _load_scripts(self) -> None:
+        """Load every script on the server (at start, and when a restarted Redis forgot
+        them: NOSCRIPT)."""
+        for script in self.scripts.values():
+            script.sha = await self.redis.script_load(script.script)
 
     def _take_pending(self) -> list[Op]:
         """The writes queued so far, to be sent now (their additions can no longer be
@@ -371,8 +375,7 @@ class RedisClient:
         lost = [op for op, r in zip(ops, results, strict=False) if isinstance(r, NoScriptError)]
         try:
             async with asyncio.timeout(self.background_timeout):
-                for script in self.scripts.values():
-                    script.sha = await self.redis.script_load(script.script)
+                await self._load_scripts()
         except Exception as exc:
             self._failed("sync", exc)
             return results
