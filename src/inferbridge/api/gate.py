@@ -72,8 +72,9 @@ def has_body(headers: Headers) -> bool:
 
 
 def check_json(body: bytes) -> None:
-    """A 400 for a body that is not JSON (malformed, not UTF-8, an unpaired surrogate), that
-    nests too deep or that holds an integer beyond 64 bits (`check_values`)."""
+    """A 400 for a body that is not JSON (malformed, not UTF-8, an unpaired surrogate) or
+    that nests too deep (`check_values`). Integers past 64 bits, which orjson reads as
+    floats, are found where the route validates the body (schema bounds, `normalize`)."""
     if not body:
         return  # the route says the body is missing
     try:
